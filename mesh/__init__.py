@@ -1,0 +1,1 @@
+"""How nodes reach each other: the bus, the source / stream-function bridge, liveness."""

@@ -1,0 +1,94 @@
+"""The ``prscd`` command: with no arguments, run a node."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from node import __version__
+from node.config import ConfigError, Settings, load
+
+log = logging.getLogger("prscd")
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One line per record: ``ts=... level=... logger=... msg``; exceptions folded in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z"
+        level = record.levelname.lower()
+        line = f"ts={ts} level={level} logger={record.name} {record.getMessage()}"
+        if record.exc_info:
+            line += " exc=" + repr(self.formatException(record.exc_info))
+        return line
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = LogfmtFormatter()
+    formatter.converter = __import__("time").gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Library chatter (handshake failures from scanners, etc.) only when debugging.
+    for name in ("websockets", "aioquic", "nats", "asyncio"):
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+async def run_node(settings: Settings) -> int:
+    from node.inspect import install_signal_handlers, remove_pid_file, write_pid_file
+    from node.server import Node
+    from node.tls import ensure_certificate
+
+    cert = None
+    if settings.tls:
+        cert = ensure_certificate(settings.cert_file, settings.key_file,
+                                  settings.cert_cache_dir, settings.domain)
+        log.info("certificate file=%s generated=%s not_after=%s spki_sha256=%s",
+                 cert.cert_file, cert.generated, cert.not_after.isoformat(),
+                 cert.spki_sha256_b64)
+    else:
+        log.warning("TLS is off: serve behind a TLS-terminating proxy only")
+    node = Node(settings, cert)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    install_signal_handlers(loop, node)
+    await node.start()
+    pid_path = settings.pid_path()
+    write_pid_file(pid_path)
+    scheme = "https" if cert else "http"
+    log.info("listening url=%s://127.0.0.1:%d/v1 health=%s://127.0.0.1:%d/health pid_file=%s",
+             scheme, node.port, scheme, node.port, pid_path)
+    try:
+        await stop.wait()
+        log.info("signal received: stopping")
+        await asyncio.wait_for(node.stop(), timeout=4.5)
+    except TimeoutError:
+        log.error("stop took longer than 4.5 s: exiting anyway")
+    finally:
+        remove_pid_file(pid_path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prscd", description="Presence server for @yomo/presence")
+    parser.add_argument("--version", action="version", version=f"prscd {__version__}")
+    parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load(args.env_file)
+    except ConfigError as exc:
+        print(f"prscd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.debug)
+    try:
+        import uvloop  # optional: the [fast] extra
+    except ImportError:
+        return asyncio.run(run_node(settings))
+    return uvloop.run(run_node(settings))

@@ -1,0 +1,166 @@
+"""Settings, read ONCE at start-up from ``.env`` and the environment, then passed down.
+
+No other module reads ``os.environ``. Unknown or malformed values fail start-up with
+a message naming the key, rather than running with a surprise.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+
+class ConfigError(ValueError):
+    """A setting is malformed; the message names the key."""
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
+    raw = env.get(key)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{key}={raw!r}: expected true or false")
+
+
+def _number(env: Mapping[str, str], key: str, default: float, kind: type = float) -> Any:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{key}={raw!r}: expected a {kind.__name__}") from None
+    if value < 0:
+        raise ConfigError(f"{key}={raw!r}: must not be negative")
+    return value
+
+
+def parse_keys(text: str, source: str) -> dict[str, str]:
+    """``KEY:APP`` pairs separated by commas or newlines; ``#`` starts a comment."""
+    keys: dict[str, str] = {}
+    for lineno, line in enumerate(text.replace(",", "\n").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, app = line.partition(":")
+        if not sep or not key.strip() or not app.strip():
+            # Never echo the line: it holds a secret.
+            raise ConfigError(f"{source}: entry {lineno} is not KEY:APP")
+        keys[key.strip()] = app.strip()
+    return keys
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    home = Path(env.get("HOME") or tempfile.gettempdir())
+    base = env.get("XDG_CACHE_HOME") or str(home / ".cache")
+    return Path(base) / "prscd"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    debug: bool = False
+    host: str = ""
+    port: int = 8443
+    mesh_id: str = "local"
+    domain: str = ""
+    tls: bool = True
+    cert_file: str = ""
+    key_file: str = ""
+    cert_cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
+    nats_url: str = ""
+    sndr_name: str = "prscd-source"
+    rcvr_name: str = "prscd-stream-function"
+    jaeger_endpoint: str = ""
+    public_keys: dict[str, str] = field(default_factory=dict, repr=False)
+    public_keys_file: str = ""
+    default_app: str = "default"
+    max_message_bytes: int = 64 * 1024
+    ping_interval: float = 10.0
+    ping_timeout: float = 20.0
+    ws_compression: bool = False
+    write_buffer_limit: int = 1024 * 1024
+    pid_file: str = ""
+    #: Everything else read from the environment, for the adapters that need it
+    #: (``OTEL_*``, NATS credentials); never logged.
+    extra: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def keys_configured(self) -> bool:
+        return bool(self.public_keys or self.public_keys_file)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from a mapping (the environment merged over ``.env``)."""
+        port = _number(env, "PORT", 8443, int)
+        if port > 65535:
+            raise ConfigError(f"PORT={port}: not a port number")
+        keys = parse_keys(env.get("PUBLIC_KEYS", ""), "PUBLIC_KEYS")
+        keys_file = env.get("PUBLIC_KEYS_FILE", "").strip()
+        if keys_file:
+            try:
+                keys.update(parse_keys(Path(keys_file).read_text(), keys_file))
+            except OSError as exc:
+                raise ConfigError(f"PUBLIC_KEYS_FILE={keys_file}: {exc.strerror}") from None
+        mesh_id = env.get("MESH_ID", "").strip() or "local"
+        if not all(ch.isalnum() or ch in "-_" for ch in mesh_id):
+            raise ConfigError(f"MESH_ID={mesh_id!r}: use letters, digits, '-' and '_'")
+        cert, key = env.get("CERT_FILE", "").strip(), env.get("KEY_FILE", "").strip()
+        if bool(cert) != bool(key):
+            raise ConfigError("CERT_FILE and KEY_FILE must be given together")
+        known = {f.name.upper() for f in fields(cls)}
+        return cls(
+            debug=_bool(env, "DEBUG", False),
+            host=env.get("HOST", "").strip(),
+            port=port,
+            mesh_id=mesh_id,
+            domain=env.get("DOMAIN", "").strip(),
+            tls=_bool(env, "TLS", True),
+            cert_file=cert,
+            key_file=key,
+            cert_cache_dir=Path(env.get("CERT_CACHE_DIR", "").strip() or default_cache_dir(env)),
+            nats_url=env.get("NATS_URL", "").strip(),
+            sndr_name=env.get("YOMO_SNDR_NAME", "").strip() or "prscd-source",
+            rcvr_name=env.get("YOMO_RCVR_NAME", "").strip() or "prscd-stream-function",
+            jaeger_endpoint=env.get("YOMO_TRACE_JAEGER_ENDPOINT", "").strip(),
+            public_keys=keys,
+            public_keys_file=keys_file,
+            default_app=env.get("DEFAULT_APP", "").strip() or "default",
+            max_message_bytes=_number(env, "MAX_MESSAGE_SIZE", 64 * 1024, int),
+            ping_interval=_number(env, "PING_INTERVAL", 10.0),
+            ping_timeout=_number(env, "PING_TIMEOUT", 20.0),
+            ws_compression=_bool(env, "WS_COMPRESSION", False),
+            write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
+            pid_file=env.get("PID_FILE", "").strip(),
+            extra={k: v for k, v in env.items() if k.upper() not in known},
+        )
+
+    def pid_path(self) -> Path:
+        if self.pid_file:
+            return Path(self.pid_file)
+        return Path(tempfile.gettempdir()) / f"prscd-{self.port}.pid"
+
+
+def load(dotenv_path: str | os.PathLike[str] = ".env") -> Settings:
+    """Read ``.env`` (if present) with the real environment taking precedence."""
+    merged: dict[str, str] = {
+        k: v for k, v in dotenv_values(dotenv_path).items() if v is not None
+    }
+    merged.update(os.environ)
+    return Settings.from_env(merged)

@@ -1,0 +1,83 @@
+"""Small HTTP endpoints served on the WebSocket port: health, readiness, cert hash, demos.
+
+Each endpoint is a function of the node's state returning a :class:`HttpReply`;
+the transport turns it into bytes. Every reply carries ``X-Prscd-MeshID`` so an
+operator behind Anycast can tell which region answered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from node.server import Node
+
+JSON = "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def json_reply(status: int, payload: Any) -> HttpReply:
+    return HttpReply(status, json.dumps(payload, indent=1).encode() + b"\n", JSON)
+
+
+def text_reply(status: int, text: str) -> HttpReply:
+    return HttpReply(status, text.encode() + b"\n")
+
+
+def _static(name: str, content_type: str) -> HttpReply | None:
+    try:
+        body = resources.files("node").joinpath("static", name).read_bytes()
+    except (FileNotFoundError, OSError):
+        return None
+    return HttpReply(HTTPStatus.OK, body, content_type, {"Cache-Control": "no-cache"})
+
+
+STATIC_PAGES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/websocket.html": ("websocket.html", "text/html; charset=utf-8"),
+    "/webtransport.html": ("webtransport.html", "text/html; charset=utf-8"),
+    "/presence.js": ("presence.js", "text/javascript; charset=utf-8"),
+}
+
+
+def route(node: Node, path: str) -> HttpReply:
+    """Answer a plain HTTP GET (anything that is not the /v1 WebSocket upgrade)."""
+    if path == "/health":
+        return json_reply(HTTPStatus.OK, node.health())
+    if path == "/ready":
+        ready, why = node.readiness()
+        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+        return json_reply(status, {"ready": ready, "reason": why, "mesh_id": node.settings.mesh_id})
+    if path == "/cert-hash":
+        info = node.cert
+        if info is None:
+            return text_reply(HTTPStatus.NOT_FOUND, "no certificate: TLS is off")
+        return json_reply(
+            HTTPStatus.OK,
+            {
+                "algorithm": "sha-256",
+                "value": info.cert_sha256_hex,
+                "spki_sha256_base64": info.spki_sha256_b64,
+                "not_after": info.not_after.isoformat(),
+                "generated": info.generated,
+            },
+        )
+    if path == "/metrics":
+        return HttpReply(HTTPStatus.OK, node.metrics_text().encode(), "text/plain; version=0.0.4")
+    if path in STATIC_PAGES:
+        reply = _static(*STATIC_PAGES[path])
+        if reply is not None:
+            return reply
+    return text_reply(HTTPStatus.NOT_FOUND, f"not found: {path[:100]}")

@@ -1,0 +1,222 @@
+"""Realms, channels and peers: the presence rules (no I/O).
+
+A *realm* is one app's namespace (apps never see each other). A *channel* lives in
+a realm and holds the local peers that joined it, plus the remote members other
+nodes told us about (so their offline events can be synthesised when a node dies).
+A *peer* is one connection: two tabs with the same client id are two peers.
+
+The rules take a message and return what must happen, as small action objects; the
+server carries them out. Nothing here reads a clock, a socket or the environment.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from node import protocol
+from node.protocol import Signalling
+
+
+@dataclass(eq=False, slots=True)
+class Peer:
+    """One connection. ``link`` is the transport adapter's handle, opaque here."""
+
+    sid: str
+    client_id: str
+    app: str
+    transport: str
+    link: Any = None
+    channels: set[str] = field(default_factory=set)
+    rtt_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Send ``frame`` (already encoded, once) to each of ``peers``."""
+
+    peers: tuple[Peer, ...]
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Hand ``sig`` (with ``p``, ``sid`` and ``app`` set) to the mesh Source."""
+
+    sig: Signalling
+
+
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """This node gained (``active``) or lost its last local peer in a channel."""
+
+    app: str
+    channel: str
+    active: bool
+
+
+Action = Deliver | Publish | Interest
+
+
+@dataclass(slots=True)
+class Channel:
+    name: str
+    peers: dict[str, Peer] = field(default_factory=dict)
+    #: (node id, sid) -> client id of members on other nodes, learned from the mesh.
+    remote: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Realm:
+    app: str
+    channels: dict[str, Channel] = field(default_factory=dict)
+
+
+class Presence:
+    """All realms of one node. Call it from one thread (the event loop)."""
+
+    def __init__(self, mesh_id: str) -> None:
+        self.mesh_id = mesh_id
+        self.realms: dict[str, Realm] = {}
+        self.peers: dict[str, Peer] = {}
+        #: Why frames were dropped, by reason. Adapters add their own reasons.
+        self.dropped: Counter[str] = Counter()
+        self.handled = 0
+
+    # -- local peers ---------------------------------------------------------
+
+    def connect(self, peer: Peer) -> None:
+        self.peers[peer.sid] = peer
+
+    def handle(self, peer: Peer, sig: Signalling) -> list[Action]:
+        """Apply one decoded frame from a local peer, in arrival order."""
+        self.handled += 1
+        if sig.op == protocol.CHANNEL_JOIN:
+            return self._join(peer, sig.c)
+        if sig.c not in peer.channels:
+            self.dropped["not_joined"] += 1
+            return []
+        actions = self._forward(peer, sig)
+        if sig.op == protocol.PEER_OFFLINE:
+            actions.extend(self._remove(peer, sig.c))
+        return actions
+
+    def disconnect(self, peer: Peer) -> list[Action]:
+        """The connection is gone: every channel it joined hears ``peer_offline``."""
+        actions: list[Action] = []
+        for name in sorted(peer.channels):
+            offline = Signalling(t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=name)
+            actions.extend(self._forward(peer, offline))
+            actions.extend(self._remove(peer, name))
+        self.peers.pop(peer.sid, None)
+        return actions
+
+    def _join(self, peer: Peer, name: str) -> list[Action]:
+        actions: list[Action] = []
+        realm = self.realms.get(peer.app)
+        if realm is None:
+            realm = self.realms[peer.app] = Realm(peer.app)
+        channel = realm.channels.get(name)
+        if channel is None:
+            channel = realm.channels[name] = Channel(name)
+            actions.append(Interest(peer.app, name, True))
+        channel.peers[peer.sid] = peer
+        peer.channels.add(name)
+        # Re-joining is harmless: the client makes a new Channel object and waits
+        # for an ack again.
+        actions.append(Deliver((peer,), protocol.encode_join_ack(name, self.mesh_id)))
+        return actions
+
+    def _forward(self, peer: Peer, sig: Signalling) -> list[Action]:
+        channel = self.realms[peer.app].channels[sig.c]
+        out = replace(sig, p=peer.client_id, sid=peer.sid, app=peer.app, mesh=self.mesh_id)
+        actions: list[Action] = [Publish(out)]
+        others = tuple(p for sid, p in channel.peers.items() if sid != peer.sid)
+        if others:
+            actions.insert(0, Deliver(others, protocol.encode(out)))
+        return actions
+
+    def _remove(self, peer: Peer, name: str) -> list[Action]:
+        peer.channels.discard(name)
+        realm = self.realms.get(peer.app)
+        if realm is None or (channel := realm.channels.get(name)) is None:
+            return []
+        channel.peers.pop(peer.sid, None)
+        return self._free_if_empty(realm, channel)
+
+    def _free_if_empty(self, realm: Realm, channel: Channel) -> list[Action]:
+        if channel.peers:
+            return []
+        # No local peer left: we stop listening, so remote members go stale too.
+        del realm.channels[channel.name]
+        if not realm.channels:
+            del self.realms[realm.app]
+        return [Interest(realm.app, channel.name, False)]
+
+    # -- the mesh ------------------------------------------------------------
+
+    def dispatch_remote(self, sig: Signalling, node: str) -> list[Action]:
+        """Deliver an event that came from another node (or a backend) to local peers."""
+        realm = self.realms.get(sig.app or "")
+        channel = realm.channels.get(sig.c) if realm else None
+        if channel is None:
+            self.dropped["no_local_channel"] += 1
+            return []
+        if sig.sid is not None and sig.p is not None:
+            key = (node, sig.sid)
+            if sig.op == protocol.PEER_OFFLINE:
+                channel.remote.pop(key, None)
+            else:
+                channel.remote[key] = sig.p
+        if not channel.peers:
+            return []
+        return [Deliver(tuple(channel.peers.values()), protocol.encode(sig))]
+
+    def node_down(self, node: str) -> list[Action]:
+        """A node vanished: its members go offline for our local peers."""
+        actions: list[Action] = []
+        for realm in self.realms.values():
+            for channel in realm.channels.values():
+                gone = [key for key in channel.remote if key[0] == node]
+                for key in gone:
+                    client_id = channel.remote.pop(key)
+                    offline = Signalling(
+                        t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=channel.name, p=client_id
+                    )
+                    if channel.peers:
+                        frame = protocol.encode(offline)
+                        actions.append(Deliver(tuple(channel.peers.values()), frame))
+        return actions
+
+    # -- inspection ----------------------------------------------------------
+
+    def channel_count(self) -> int:
+        return sum(len(realm.channels) for realm in self.realms.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        """A plain-data view for dumps; no secrets (keys are not part of the state)."""
+        return {
+            app: {
+                name: {
+                    "peers": [
+                        {
+                            "sid": p.sid,
+                            "id": p.client_id,
+                            "transport": p.transport,
+                            "rtt_ms": p.rtt_ms,
+                        }
+                        for p in channel.peers.values()
+                    ],
+                    "remote": len(channel.remote),
+                }
+                for name, channel in realm.channels.items()
+            }
+            for app, realm in self.realms.items()
+        }
+
+
+def local_peers(actions: Iterable[Action]) -> list[Peer]:
+    """Every peer some action delivers to (for tests and tracing counts)."""
+    return [p for a in actions if isinstance(a, Deliver) for p in a.peers]

@@ -1,0 +1,257 @@
+"""The node: wires transports, the presence rules and the mesh; start, drain, stop.
+
+Transports call four methods: :meth:`Node.admit` (may this URL connect?),
+:meth:`Node.open_peer`, :meth:`Node.receive` (one frame) and :meth:`Node.close_peer`.
+Everything a frame causes comes back from :mod:`node.presence` as actions, carried
+out here: deliver bytes to local peers, publish to the mesh, change bus interest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol
+from urllib.parse import unquote
+
+from mesh.bridge import MeshEvent, Source, StreamFunction, new_node_id
+from mesh.bus import Bus, EmbeddedBus
+from node import __version__, protocol
+from node.auth import Auth, AuthError
+from node.config import Settings
+from node.presence import Deliver, Interest, Peer, Presence, Publish
+from node.tls import CertInfo
+
+log = logging.getLogger("prscd.node")
+
+
+class Link(Protocol):
+    transport: str
+
+    def send(self, frame: bytes) -> bool: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The verdict on a connection URL: 101 with an identity, or an HTTP error."""
+
+    status: int
+    reason: str = ""
+    client_id: str = ""
+    app: str = ""
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """Percent-decode (but keep '+': the client does not encode ids); first value wins."""
+    params: dict[str, str] = {}
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        params.setdefault(unquote(key), unquote(value))
+    return params
+
+
+def make_bus(settings: Settings) -> Bus:
+    if settings.nats_url:
+        from mesh.nats import NatsBus  # imported only when the mesh is configured
+
+        return NatsBus(settings)
+    return EmbeddedBus()
+
+
+class Node:
+    def __init__(self, settings: Settings, cert: CertInfo | None = None,
+                 bus: Bus | None = None) -> None:
+        self.settings = settings
+        self.cert = cert
+        self.node_id = new_node_id(settings.mesh_id)
+        self.presence = Presence(settings.mesh_id)
+        self.auth = Auth(dict(settings.public_keys), settings.default_app,
+                         open_mode=not settings.keys_configured)
+        self.bus = bus or make_bus(settings)
+        self.source = Source(self.bus, settings.mesh_id, self.node_id, settings.sndr_name)
+        self.stream_function = StreamFunction(
+            self.bus, self.node_id, settings.rcvr_name, self._on_mesh_event
+        )
+        self._sids = itertools.count(1)
+        self.started_at = time.monotonic()
+        self.draining = False
+        self.transports: list[Any] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.port = settings.port
+        self.delivered = 0
+
+    # -- what transports call ------------------------------------------------
+
+    def admit(self, query: str, transport: str) -> Admission:
+        params = parse_query(query)
+        publickey, raw_id = params.get("publickey", ""), params.get("id", "")
+        if not publickey:
+            return Admission(HTTPStatus.UNAUTHORIZED, "missing publickey")
+        if not raw_id:
+            return Admission(HTTPStatus.UNAUTHORIZED, "missing id")
+        try:
+            client_id = protocol.check_client_id(raw_id)
+        except protocol.ProtocolError as exc:
+            return Admission(HTTPStatus.BAD_REQUEST, f"bad id: {exc}")
+        if self.draining:
+            return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "node is draining")
+        try:
+            app = self.auth.app_for(publickey)
+        except AuthError as exc:
+            log.info("rejected transport=%s id=%s reason=%s", transport, client_id, exc)
+            return Admission(HTTPStatus.FORBIDDEN, "publickey rejected")
+        return Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", client_id, app)
+
+    def open_peer(self, admission: Admission, transport: str, link: Link) -> Peer:
+        peer = Peer(
+            sid=f"{next(self._sids):x}",
+            client_id=admission.client_id,
+            app=admission.app,
+            transport=transport,
+            link=link,
+        )
+        self.presence.connect(peer)
+        log.info("peer open sid=%s id=%s app=%s transport=%s",
+                 peer.sid, peer.client_id, peer.app, transport)
+        return peer
+
+    async def receive(self, peer: Peer, frame: bytes) -> None:
+        """Handle one frame; raises ProtocolError for the transport to close on."""
+        sig = protocol.decode(frame)
+        if self.settings.debug:
+            log.debug("frame sid=%s id=%s t=%s op=%s c=%r bytes=%d",
+                      peer.sid, peer.client_id, sig.t, sig.op, sig.c, len(frame))
+        await self._execute(self.presence.handle(peer, sig))
+
+    async def close_peer(self, peer: Peer, why: str = "") -> None:
+        if peer.sid not in self.presence.peers:
+            return
+        channels = len(peer.channels)
+        await self._execute(self.presence.disconnect(peer))
+        log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id, channels, why)
+
+    def count_drop(self, reason: str, n: int = 1) -> None:
+        self.presence.dropped[reason] += n
+
+    # -- carrying out actions ------------------------------------------------
+
+    def _deliver(self, action: Deliver) -> None:
+        frame = action.frame
+        sent = 0
+        for peer in action.peers:
+            if peer.link.send(frame):
+                sent += 1
+        self.delivered += sent
+        if sent != len(action.peers):
+            self.count_drop("undeliverable", len(action.peers) - sent)
+
+    async def _execute(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, Deliver):
+                self._deliver(action)
+            elif isinstance(action, Publish):
+                await self.source.publish(action.sig)
+            elif isinstance(action, Interest):
+                self.stream_function.interest(action.app, action.channel, action.active)
+
+    def _on_mesh_event(self, event: MeshEvent) -> None:
+        for action in self.presence.dispatch_remote(event.sig, event.node):
+            if isinstance(action, Deliver):
+                self._deliver(action)
+
+    # -- state for /health, /ready, /metrics and dumps -----------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.bus.up:
+            return False, f"bus {self.bus.state}"
+        return True, "ok"
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "draining" if self.draining else "ok",
+            "service": "prscd",
+            "version": __version__,
+            "mesh_id": self.settings.mesh_id,
+            "node_id": self.node_id,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            "peers": len(self.presence.peers),
+            "channels": self.presence.channel_count(),
+            "realms": len(self.presence.realms),
+            "bus": {"kind": self.bus.kind, "state": self.bus.state},
+            "dropped": dict(self.presence.dropped),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "rss_kib": _rss_kib(),
+            "max_rss_kib": usage.ru_maxrss,
+            "gc_counts": gc.get_count(),
+            "gc_collections": [g["collections"] for g in gc.get_stats()],
+            "tasks": len(asyncio.all_tasks()),
+            "connections": len(self.presence.peers),
+            "handled": self.presence.handled,
+            "delivered": self.delivered,
+            "published": self.source.published,
+            "publish_failed": self.source.failed,
+            "mesh_received": self.stream_function.received,
+            "dropped": dict(self.presence.dropped),
+        }
+
+    def metrics_text(self) -> str:
+        lines = [
+            f"prscd_peers {len(self.presence.peers)}",
+            f"prscd_channels {self.presence.channel_count()}",
+            f"prscd_frames_handled_total {self.presence.handled}",
+            f"prscd_frames_delivered_total {self.delivered}",
+            f"prscd_mesh_published_total {self.source.published}",
+            f"prscd_mesh_publish_failed_total {self.source.failed}",
+            f"prscd_mesh_received_total {self.stream_function.received}",
+            f"prscd_bus_up {int(self.bus.up)}",
+        ]
+        lines += [f'prscd_dropped_total{{reason="{r}"}} {n}'
+                  for r, n in sorted(self.presence.dropped.items())]
+        return "\n".join(lines) + "\n"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        from node.tls import server_context
+        from node.transports.websocket import WebSocketTransport
+
+        await self.bus.connect()
+        ssl = server_context(self.cert) if (self.settings.tls and self.cert) else None
+        ws = WebSocketTransport(self)
+        self.addresses = await ws.start(self.settings.host, self.settings.port, ssl)
+        self.transports.append(ws)
+        self.port = self.addresses[0][1]
+        log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s",
+                 self.node_id, self.settings.mesh_id, self.port, ssl is not None, self.bus.kind)
+
+    async def stop(self) -> None:
+        """Stop accepting, close peers with 1001 (their offline events go out), leave the bus."""
+        self.draining = True
+        for transport in self.transports:
+            await transport.close()
+        for peer in list(self.presence.peers.values()):
+            await self.close_peer(peer, "node stopping")
+        await self.stream_function.close()
+        await self.bus.close()
+        log.info("node stopped node_id=%s", self.node_id)
+
+
+def _rss_kib() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() // 1024
+    except OSError:
+        return 0

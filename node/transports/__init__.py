@@ -1,0 +1,1 @@
+"""Transport adapters: they turn sockets into calls on :class:`node.server.Node`."""
