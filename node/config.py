@@ -92,6 +92,7 @@ class Settings:
     ping_interval: float = 10.0
     ping_timeout: float = 20.0
     ws_compression: bool = False
+    webtransport: bool = False
     write_buffer_limit: int = 1024 * 1024
     pid_file: str = ""
     #: Everything else read from the environment, for the adapters that need it
@@ -146,6 +147,7 @@ class Settings:
             ping_interval=_number(env, "PING_INTERVAL", 10.0),
             ping_timeout=_number(env, "PING_TIMEOUT", 20.0),
             ws_compression=_bool(env, "WS_COMPRESSION", False),
+            webtransport=_bool(env, "WEBTRANSPORT", False),
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
             pid_file=env.get("PID_FILE", "").strip(),
             extra={k: v for k, v in env.items() if k.upper() not in known},

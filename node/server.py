@@ -234,6 +234,13 @@ class Node:
         self.addresses = await ws.start(self.settings.host, self.settings.port, ssl)
         self.transports.append(ws)
         self.port = self.addresses[0][1]
+        if self.settings.webtransport and ssl is not None and self.cert is not None:
+            # HTTP/3 needs TLS; it shares the port number (UDP) with the WebSocket server.
+            from node.transports.webtransport import WebTransportTransport
+
+            wt = WebTransportTransport(self)
+            self.addresses += await wt.start(self.settings.host, self.port, self.cert)
+            self.transports.append(wt)
         log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s",
                  self.node_id, self.settings.mesh_id, self.port, ssl is not None, self.bus.kind)
 
