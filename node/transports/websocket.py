@@ -104,8 +104,10 @@ class WebSocketTransport:
 
     def _process_response(self, conn: ServerConnection, request: Request,
                           response: Response) -> None:
+        # Also called for replies made in _process_request, which carry these already.
         for key, value in self._headers().items():
-            response.headers[key] = value
+            if key not in response.headers:
+                response.headers[key] = value
 
     async def start(self, host: str | None, port: int, ssl: Any) -> list[tuple[str, int]]:
         settings = self.node.settings
@@ -173,7 +175,11 @@ class WebSocketTransport:
             pass
         finally:
             keepalive.cancel()
-            code = ws.close_code
-            if code == 1009:
+            # The handshake may still be in flight: read the frames, not close_code.
+            sent, rcvd = ws.protocol.close_sent, ws.protocol.close_rcvd
+            if sent is not None and sent.code == 1009:
                 self.node.count_drop("too_big")
-            await self.node.close_peer(peer, f"close code={code} reason={ws.close_reason!r}")
+            # Who closed first: the peer (rcvd then sent) or us.
+            first = rcvd if ws.protocol.close_rcvd_then_sent else (sent or rcvd)
+            why = f"close code={first.code} reason={first.reason!r}" if first else "close code=1006"
+            await self.node.close_peer(peer, why)
