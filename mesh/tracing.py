@@ -1,0 +1,149 @@
+"""OpenTelemetry tracing: one trace per message, across every node it crosses.
+
+Export is OTLP over HTTP, which Jaeger ingests natively (the old Jaeger exporter package
+cannot be imported with a current SDK: see FIELD-NOTES). The seed's
+``YOMO_TRACE_JAEGER_ENDPOINT`` still works: an OTLP URL is used as it is, and the legacy
+``http://HOST:14268/api/traces`` form is mapped to ``http://HOST:4318/v1/traces``.
+
+With no endpoint configured :attr:`Tracing.enabled` is False and callers skip every
+tracing call behind one attribute check: the hot path pays nothing.
+
+Each node has its own TracerProvider (not the global one), so two nodes in one test
+process export as two services instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import default_getter, default_setter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger("prscd.tracing")
+
+LEGACY_PORT = 14268
+OTLP_HTTP_PORT = 4318
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def resolve_endpoint(jaeger_endpoint: str, extra: Mapping[str, str]) -> tuple[str, str | None]:
+    """The OTLP/HTTP traces URL to export to (or ""), and a note worth logging once."""
+    if jaeger_endpoint:
+        url = urlsplit(jaeger_endpoint)
+        if url.port == LEGACY_PORT or url.path.rstrip("/") == "/api/traces":
+            host = url.hostname or "localhost"
+            if ":" in host:
+                host = f"[{host}]"
+            mapped = urlunsplit((url.scheme or "http", f"{host}:{OTLP_HTTP_PORT}",
+                                 "/v1/traces", "", ""))
+            note = (f"YOMO_TRACE_JAEGER_ENDPOINT={jaeger_endpoint} is Jaeger's legacy Thrift "
+                    f"endpoint; exporting OTLP/HTTP to {mapped} instead "
+                    "(Jaeger >= 1.35 ingests OTLP)")
+            return mapped, note
+        return jaeger_endpoint, None
+    if extra.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return extra["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"], None
+    if extra.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return extra["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/") + "/v1/traces", None
+    return "", None
+
+
+def make_sampler(extra: Mapping[str, str]) -> Sampler:
+    """OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG, as the spec names them."""
+    name = extra.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    try:
+        ratio = float(extra.get("OTEL_TRACES_SAMPLER_ARG", "1.0") or 1.0)
+    except ValueError:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG={extra['OTEL_TRACES_SAMPLER_ARG']!r}: "
+                         "expected a number between 0 and 1") from None
+    samplers: dict[str, Sampler] = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "traceidratio": TraceIdRatioBased(ratio),
+        "parentbased_always_on": ParentBased(ALWAYS_ON),
+        "parentbased_always_off": ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": ParentBased(TraceIdRatioBased(ratio)),
+    }
+    if name not in samplers:
+        raise ValueError(f"OTEL_TRACES_SAMPLER={name!r}: expected one of {', '.join(samplers)}")
+    return samplers[name]
+
+
+class Tracing:
+    """Spans for one node. ``enabled`` False = no provider, no spans, no cost."""
+
+    def __init__(self, *, node_id: str, mesh_id: str, endpoint: str = "",
+                 extra: Mapping[str, str] | None = None,
+                 exporter: SpanExporter | None = None, batch: bool = True) -> None:
+        extra = extra or {}
+        self.node_id, self.mesh_id = node_id, mesh_id
+        self.endpoint = endpoint
+        self.enabled = bool(endpoint or exporter)
+        self.provider: TracerProvider | None = None
+        self._tracer: trace.Tracer = trace.NoOpTracer()
+        if not self.enabled:
+            return
+        resource = Resource.create({
+            "service.name": extra.get("OTEL_SERVICE_NAME") or "prscd",
+            "service.instance.id": node_id,
+            "cloud.region": mesh_id,
+            "prscd.mesh_id": mesh_id,
+        })
+        self.provider = TracerProvider(resource=resource, sampler=make_sampler(extra))
+        if exporter is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
+        processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+        self.provider.add_span_processor(processor)
+        self._tracer = self.provider.get_tracer("prscd")
+
+    @contextlib.contextmanager
+    def span(self, name: str, kind: SpanKind = SpanKind.INTERNAL,
+             attributes: Mapping[str, Any] | None = None,
+             parent: Context | None = None) -> Iterator[Span]:
+        """A child of the current span (or of ``parent``), tagged with this node."""
+        attrs = {"prscd.node_id": self.node_id, "prscd.mesh_id": self.mesh_id}
+        if attributes:
+            attrs.update({k: v for k, v in attributes.items() if v is not None})
+        with self._tracer.start_as_current_span(name, context=parent, kind=kind,
+                                                attributes=attrs) as span:
+            yield span
+
+    @staticmethod
+    def inject() -> dict[str, str]:
+        """W3C trace context of the current span, for bus message headers."""
+        headers: dict[str, str] = {}
+        _PROPAGATOR.inject(headers, setter=default_setter)
+        return headers
+
+    @staticmethod
+    def extract(headers: Mapping[str, str] | None) -> Context | None:
+        if not headers:
+            return None
+        return _PROPAGATOR.extract(headers, getter=default_getter)
+
+    def flush(self, timeout_s: float = 5.0) -> None:
+        if self.provider is not None:
+            self.provider.force_flush(int(timeout_s * 1000))
+
+    def shutdown(self) -> None:
+        if self.provider is not None:
+            self.provider.shutdown()

@@ -1,0 +1,61 @@
+"""The tracing module on its own: endpoints, samplers, context across headers."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from mesh.tracing import Tracing, make_sampler, resolve_endpoint
+
+
+@pytest.mark.parametrize(("given", "extra", "want", "noted"), [
+    ("", {}, "", False),
+    ("http://jaeger:14268/api/traces", {}, "http://jaeger:4318/v1/traces", True),
+    ("http://10.0.0.7:14268", {}, "http://10.0.0.7:4318/v1/traces", True),
+    ("http://jaeger:4318/v1/traces", {}, "http://jaeger:4318/v1/traces", False),
+    ("https://otel.example/custom/path", {}, "https://otel.example/custom/path", False),
+    ("", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}, "http://c:4318/v1/traces", False),
+    ("", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:9/x"}, "http://c:9/x", False),
+])
+def test_endpoint_resolution(given: str, extra: dict[str, str], want: str, noted: bool) -> None:
+    url, note = resolve_endpoint(given, extra)
+    assert url == want
+    assert (note is not None) == noted
+    if note:
+        assert "legacy" in note and want in note
+
+
+def test_sampler_names_and_errors() -> None:
+    assert "TraceIdRatioBased" in make_sampler(
+        {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.25"}
+    ).get_description()
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER='sometimes'"):
+        make_sampler({"OTEL_TRACES_SAMPLER": "sometimes"})
+    with pytest.raises(ValueError, match="OTEL_TRACES_SAMPLER_ARG"):
+        make_sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "x"})
+
+
+def test_disabled_tracing_makes_no_provider() -> None:
+    tracing = Tracing(node_id="n", mesh_id="m")
+    assert not tracing.enabled and tracing.provider is None
+    with tracing.span("x") as span:
+        assert not span.is_recording()
+
+
+def test_context_crosses_headers_between_two_nodes() -> None:
+    exp_a, exp_b = InMemorySpanExporter(), InMemorySpanExporter()
+    a = Tracing(node_id="eu-1", mesh_id="eu", exporter=exp_a, batch=False)
+    b = Tracing(node_id="us-1", mesh_id="us", exporter=exp_b, batch=False)
+    with a.span("source.publish", SpanKind.PRODUCER):
+        headers = a.inject()
+    assert set(headers) == {"traceparent"}
+    with b.span("stream_function.receive", SpanKind.CONSUMER, parent=b.extract(headers)):
+        pass
+    [sent], [got] = exp_a.get_finished_spans(), exp_b.get_finished_spans()
+    assert got.context.trace_id == sent.context.trace_id
+    assert got.parent is not None and got.parent.span_id == sent.context.span_id
+    assert got.resource.attributes["service.instance.id"] == "us-1"
+    assert got.resource.attributes["cloud.region"] == "us"
+    assert got.attributes["prscd.node_id"] == "us-1"
+    assert sent.resource.attributes["service.name"] == "prscd"
