@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -67,7 +68,15 @@ async def run_node(settings: Settings) -> int:
              scheme, node.port, scheme, node.port, pid_path)
     try:
         await stop.wait()
-        log.info("signal received: stopping")
+        if settings.drain_seconds > 0:
+            # Behind Anycast / Geo-DNS: fail health checks first, keep serving while the
+            # balancer moves traffic away; a second signal cuts the drain short.
+            node.begin_drain()
+            stop.clear()
+            log.info("signal received: draining for %.1f s", settings.drain_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.drain_seconds)
+        log.info("stopping: closing peers with 1001")
         await asyncio.wait_for(node.stop(), timeout=4.5)
     except TimeoutError:
         log.error("stop took longer than 4.5 s: exiting anyway")

@@ -81,9 +81,26 @@ class Settings:
     cert_file: str = ""
     key_file: str = ""
     cert_cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
-    nats_url: str = ""
+    #: Comma-separated NATS servers, in order of preference; may embed credentials.
+    nats_url: str = field(default="", repr=False)
     sndr_name: str = "prscd-source"
     rcvr_name: str = "prscd-stream-function"
+    # NATS credentials and TLS (mesh/nats.py); secrets are never logged.
+    nats_user: str = ""
+    nats_password: str = field(default="", repr=False)
+    nats_token: str = field(default="", repr=False)
+    nats_nkey_file: str = ""
+    nats_creds_file: str = ""
+    nats_ca_file: str = ""
+    nats_cert_file: str = ""
+    nats_key_file: str = ""
+    nats_ping_interval: float = 2.0
+    nats_reconnect_wait: float = 0.25
+    nats_reconnect_max_wait: float = 2.0
+    # Mesh liveness (mesh/liveness.py).
+    heartbeat_interval: float = 1.0
+    node_timeout: float = 3.0
+    public_url: str = ""
     jaeger_endpoint: str = ""
     public_keys: dict[str, str] = field(default_factory=dict, repr=False)
     public_keys_file: str = ""
@@ -95,6 +112,7 @@ class Settings:
     webtransport: bool = False
     write_buffer_limit: int = 1024 * 1024
     pid_file: str = ""
+    drain_seconds: float = 0.0
     #: Everything else read from the environment, for the adapters that need it
     #: (``OTEL_*``, NATS credentials); never logged.
     extra: dict[str, str] = field(default_factory=dict, repr=False)
@@ -125,6 +143,19 @@ class Settings:
         cert, key = env.get("CERT_FILE", "").strip(), env.get("KEY_FILE", "").strip()
         if bool(cert) != bool(key):
             raise ConfigError("CERT_FILE and KEY_FILE must be given together")
+        nats_cert, nats_key = (env.get("NATS_CERT_FILE", "").strip(),
+                               env.get("NATS_KEY_FILE", "").strip())
+        if bool(nats_cert) != bool(nats_key):
+            raise ConfigError("NATS_CERT_FILE and NATS_KEY_FILE must be given together")
+        heartbeat = _number(env, "HEARTBEAT_INTERVAL", 1.0)
+        node_timeout = _number(env, "NODE_TIMEOUT", 3.0)
+        if heartbeat <= 0:
+            raise ConfigError(f"HEARTBEAT_INTERVAL={heartbeat}: must be positive")
+        if node_timeout <= heartbeat:
+            raise ConfigError(f"NODE_TIMEOUT={node_timeout}: must exceed HEARTBEAT_INTERVAL")
+        nats_ping = _number(env, "NATS_PING_INTERVAL", 2.0)
+        if nats_ping <= 0:
+            raise ConfigError(f"NATS_PING_INTERVAL={nats_ping}: must be positive")
         known = {f.name.upper() for f in fields(cls)}
         return cls(
             debug=_bool(env, "DEBUG", False),
@@ -139,6 +170,20 @@ class Settings:
             nats_url=env.get("NATS_URL", "").strip(),
             sndr_name=env.get("YOMO_SNDR_NAME", "").strip() or "prscd-source",
             rcvr_name=env.get("YOMO_RCVR_NAME", "").strip() or "prscd-stream-function",
+            nats_user=env.get("NATS_USER", "").strip(),
+            nats_password=env.get("NATS_PASSWORD", ""),
+            nats_token=env.get("NATS_TOKEN", "").strip(),
+            nats_nkey_file=env.get("NATS_NKEY_FILE", "").strip(),
+            nats_creds_file=env.get("NATS_CREDS_FILE", "").strip(),
+            nats_ca_file=env.get("NATS_CA_FILE", "").strip(),
+            nats_cert_file=nats_cert,
+            nats_key_file=nats_key,
+            nats_ping_interval=nats_ping,
+            nats_reconnect_wait=_number(env, "NATS_RECONNECT_WAIT", 0.25),
+            nats_reconnect_max_wait=_number(env, "NATS_RECONNECT_MAX_WAIT", 2.0),
+            heartbeat_interval=heartbeat,
+            node_timeout=node_timeout,
+            public_url=env.get("PUBLIC_URL", "").strip(),
             jaeger_endpoint=env.get("YOMO_TRACE_JAEGER_ENDPOINT", "").strip(),
             public_keys=keys,
             public_keys_file=keys_file,
@@ -150,6 +195,7 @@ class Settings:
             webtransport=_bool(env, "WEBTRANSPORT", False),
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
             pid_file=env.get("PID_FILE", "").strip(),
+            drain_seconds=_number(env, "DRAIN_SECONDS", 0.0),
             extra={k: v for k, v in env.items() if k.upper() not in known},
         )
 

@@ -19,8 +19,9 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-from mesh.bridge import MeshEvent, Source, StreamFunction, new_node_id
+from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction, new_node_id
 from mesh.bus import Bus, EmbeddedBus
+from mesh.liveness import Liveness
 from node import __version__, protocol
 from node.auth import Auth, AuthError
 from node.config import Settings
@@ -79,6 +80,15 @@ class Node:
         self.stream_function = StreamFunction(
             self.bus, self.node_id, settings.rcvr_name, self._on_mesh_event
         )
+        self.liveness = Liveness(
+            self.bus, self.node_id, settings.mesh_id,
+            interval=settings.heartbeat_interval, timeout=settings.node_timeout,
+            public_url=settings.public_url,
+            stats=lambda: {"peers": len(self.presence.peers),
+                           "channels": self.presence.channel_count()},
+            on_down=self._on_node_down, on_resync=self._schedule_resync,
+        )
+        self._resync: asyncio.TimerHandle | None = None
         self._sids = itertools.count(1)
         self.started_at = time.monotonic()
         self.draining = False
@@ -162,9 +172,36 @@ class Node:
                 self.stream_function.interest(action.app, action.channel, action.active)
 
     def _on_mesh_event(self, event: MeshEvent) -> None:
+        if event.tag == TAG_PEER:
+            self.liveness.seen(event.node)
         for action in self.presence.dispatch_remote(event.sig, event.node):
             if isinstance(action, Deliver):
                 self._deliver(action)
+
+    def _on_node_down(self, node: str, why: str) -> None:
+        """Another node died or left: its members go offline for our peers."""
+        for action in self.presence.node_down(node):
+            if isinstance(action, Deliver):
+                self._deliver(action)
+
+    def _schedule_resync(self, why: str) -> None:
+        if self._resync is None:
+            self._resync = asyncio.get_running_loop().call_later(0.1, self.resync_peers, why)
+
+    def resync_peers(self, why: str = "") -> None:
+        """Ask every local peer to re-announce itself on all its channels.
+
+        A join ack makes the real client send ``peer_online`` + ``peer_state`` for every
+        channel it has on that connection, and the peers that hear it answer with their
+        ``peer_state``: membership is rebuilt across nodes by the normal handshake.
+        """
+        self._resync = None
+        n = 0
+        for peer in list(self.presence.peers.values()):
+            if peer.channels:
+                ack = protocol.encode_join_ack(min(peer.channels), self.settings.mesh_id)
+                n += int(peer.link.send(ack))
+        log.info("resync: %d peers asked to re-announce (%s)", n, why)
 
     # -- state for /health, /ready, /metrics and dumps -----------------------
 
@@ -187,6 +224,7 @@ class Node:
             "channels": self.presence.channel_count(),
             "realms": len(self.presence.realms),
             "bus": {"kind": self.bus.kind, "state": self.bus.state},
+            "mesh": self.liveness.summary(),
             "dropped": dict(self.presence.dropped),
         }
 
@@ -229,6 +267,7 @@ class Node:
         from node.transports.websocket import WebSocketTransport
 
         await self.bus.connect()
+        await self.liveness.start()
         ssl = server_context(self.cert) if (self.settings.tls and self.cert) else None
         ws = WebSocketTransport(self)
         self.addresses = await ws.start(self.settings.host, self.settings.port, ssl)
@@ -244,6 +283,12 @@ class Node:
         log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s",
                  self.node_id, self.settings.mesh_id, self.port, ssl is not None, self.bus.kind)
 
+    def begin_drain(self) -> None:
+        """Fail /ready and refuse new peers at once; existing peers are still served."""
+        if not self.draining:
+            self.draining = True
+            log.info("draining peers=%d: /ready answers 503", len(self.presence.peers))
+
     async def stop(self) -> None:
         """Stop accepting, close peers with 1001 (their offline events go out), leave the bus."""
         self.draining = True
@@ -251,6 +296,7 @@ class Node:
             await transport.close()
         for peer in list(self.presence.peers.values()):
             await self.close_peer(peer, "node stopping")
+        await self.liveness.stop()
         await self.stream_function.close()
         await self.bus.close()
         log.info("node stopped node_id=%s", self.node_id)

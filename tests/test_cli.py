@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.helpers import insecure, join_frame, recv
+from tests.helpers import data_frame, insecure, join_frame, recv
 from tests.test_websocket import get
 
 PRSCD = [sys.executable, "-m", "node"]
@@ -68,8 +69,16 @@ class Proc:
 
 @pytest.fixture
 async def prscd(tmp_path: Path) -> AsyncIterator[Proc]:
+    async with run_prscd(tmp_path) as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
+async def run_prscd(tmp_path: Path, **extra: str) -> AsyncIterator[Proc]:
     port = free_port()
-    (tmp_path / ".env").write_text(f"PORT={port}\nMESH_ID=from-dotenv\nHOST=127.0.0.1\n")
+    dotenv = f"PORT={port}\nMESH_ID=from-dotenv\nHOST=127.0.0.1\n"
+    dotenv += "".join(f"{k}={v}\n" for k, v in extra.items())
+    (tmp_path / ".env").write_text(dotenv)
     env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MESH_ID", "NATS_URL")}
     env.update(CERT_CACHE_DIR=str(tmp_path / "certs"), PID_FILE=str(tmp_path / "prscd.pid"),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
@@ -138,3 +147,31 @@ async def test_config_error_is_clear(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 10)
     assert proc.returncode == 2
     assert b"PORT='not-a-port'" in err
+
+
+async def test_sigterm_drains_first_when_configured(tmp_path: Path) -> None:
+    async with run_prscd(tmp_path, DRAIN_SECONDS="30") as prscd:
+        base = f"wss://127.0.0.1:{prscd.port}/v1?publickey=k"
+        a = await connect(f"{base}&id=alice", ssl=insecure())
+        b = await connect(f"{base}&id=bob", ssl=insecure())
+        for ws, who in ((a, "alice"), (b, "bob")):
+            await ws.send(join_frame("room", who))
+            await recv(ws)
+        prscd.proc.send_signal(signal.SIGTERM)
+        await prscd.wait_log("draining")
+        status, headers, _ = await get(f"https://127.0.0.1:{prscd.port}/ready")
+        assert status == 503 and headers["X-Prscd-MeshID"] == "from-dotenv"
+        with pytest.raises(InvalidStatus) as err:
+            await connect(f"{base}&id=late", ssl=insecure())
+        assert err.value.response.status_code == 503
+        # Existing peers are still served while the balancer moves traffic away.
+        await a.send(data_frame("room", "still", '"here"'))
+        assert (await recv(b))["p"] == "alice"
+        # A second signal ends the drain: peers get 1001 (the client reconnects elsewhere).
+        prscd.proc.send_signal(signal.SIGTERM)
+        for ws in (a, b):
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert await asyncio.wait_for(prscd.proc.wait(), 5) == 0
