@@ -89,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prscd", description="Presence server for @yomo/presence")
     parser.add_argument("--version", action="version", version=f"prscd {__version__}")
     parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     help="run (the default), publish, observe")
+    commands.add_parser("run", help="run a node (what `prscd` with no command does)")
+    from mesh.tools import add_commands
+
+    add_commands(commands)
     args = parser.parse_args(argv)
     try:
         settings = load(args.env_file)
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prscd: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.debug)
+    if args.command not in (None, "run"):
+        return int(args.func(settings, args))
     try:
         import uvloop  # optional: the [fast] extra
     except ImportError:
