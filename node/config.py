@@ -110,6 +110,10 @@ class Settings:
     ping_timeout: float = 20.0
     ws_compression: bool = False
     webtransport: bool = False
+    #: WebTransport: QUIC idle timeout and server PING interval (seconds). A killed
+    #: browser sends nothing, so it is noticed only when pings go unanswered for this long.
+    wt_idle_timeout: float = 10.0
+    wt_ping_interval: float = 4.0
     write_buffer_limit: int = 1024 * 1024
     pid_file: str = ""
     drain_seconds: float = 0.0
@@ -193,6 +197,8 @@ class Settings:
             ping_timeout=_number(env, "PING_TIMEOUT", 20.0),
             ws_compression=_bool(env, "WS_COMPRESSION", False),
             webtransport=_bool(env, "WEBTRANSPORT", False),
+            wt_idle_timeout=_number(env, "WT_IDLE_TIMEOUT", 10.0),
+            wt_ping_interval=_number(env, "WT_PING_INTERVAL", 4.0),
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
             pid_file=env.get("PID_FILE", "").strip(),
             drain_seconds=_number(env, "DRAIN_SECONDS", 0.0),

@@ -1,0 +1,377 @@
+"""WebTransport adapter (aioquic HTTP/3): UDP on the WebSocket server's port number.
+
+One QUIC connection (:class:`H3Protocol`) may carry several sessions; each session
+(:mod:`node.transports.wt_session`) is one peer. This module is the glue: sockets,
+QUIC configuration, the extended CONNECT (same admission as WebSocket), plain GETs
+(a browser told ``--origin-to-force-quic-on`` fetches the demo pages over HTTP/3
+too), keepalive pings, and routing QUIC/H3 events to sessions.
+
+Traps handled here (see FIELD-NOTES): without ``enable_webtransport`` Chromium
+never sends the CONNECT, without ``max_datagram_frame_size`` datagrams silently
+never arrive; the 200 is transmitted alone (Chromium dropped a datagram sharing its
+packet); stream resets and connection loss produce no H3 event, so QUIC
+``StreamReset``/``ConnectionTerminated`` are watched directly; Chromium never closes
+an idle connection and a killed browser sends nothing, so the server pings (every
+``WT_PING_INTERVAL``) and the idle timeout (``WT_IDLE_TIMEOUT``) ends the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from functools import partial
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import (
+    DatagramReceived,
+    DataReceived,
+    H3Event,
+    HeadersReceived,
+    WebTransportStreamDataReceived,
+)
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    ProtocolNegotiated,
+    QuicEvent,
+    StopSendingReceived,
+    StreamReset,
+)
+
+from node import __version__, http
+from node.transports.wt_session import CLOSE_GOING_AWAY, WebTransportSession
+
+if TYPE_CHECKING:
+    from node.server import Node
+    from node.tls import CertInfo
+
+log = logging.getLogger("prscd.wt")
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
+#: How long close() waits for the close capsules to be acknowledged.
+CLOSE_GRACE = 0.5
+
+
+def check_connect(headers: dict[bytes, bytes]) -> tuple[int, str, str]:
+    """Validate an extended CONNECT (draft-02, as Chromium sends it).
+
+    Returns (0, "", query) when it may go to admission, else (status, reason, "").
+    """
+    protocol = headers.get(b":protocol")
+    if protocol != b"webtransport":
+        shown = protocol.decode(errors="replace")[:40] if protocol else "none"
+        return HTTPStatus.BAD_REQUEST, f"unsupported :protocol {shown!r}: use webtransport", ""
+    scheme = headers.get(b":scheme", b"").decode(errors="replace")[:40]
+    if scheme != "https":
+        return HTTPStatus.BAD_REQUEST, f"unsupported :scheme {scheme!r}: use https", ""
+    url = urlsplit(headers.get(b":path", b"").decode(errors="replace"))
+    if url.path != "/v1":
+        return HTTPStatus.NOT_FOUND, f"no WebTransport endpoint at {url.path[:100]}", ""
+    return 0, "", url.query
+
+
+class H3Protocol(QuicConnectionProtocol):
+    """One QUIC connection: HTTP/3 requests, WebTransport sessions, keepalive."""
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
+                 server: WebTransportTransport) -> None:
+        super().__init__(quic, stream_handler)
+        self.server = server
+        self.node = server.node
+        self.quic = quic
+        self.h3: H3Connection = None  # type: ignore[assignment]  # set on ProtocolNegotiated
+        self.sessions: dict[int, WebTransportSession] = {}
+        self.terminated = False
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._transmit_scheduled = False
+        server.connections.add(self)
+
+    # -- what sessions use -------------------------------------------------------
+
+    def schedule_transmit(self) -> None:
+        """Coalesce the sends of one loop iteration into one transmit()."""
+        if not self._transmit_scheduled and not self.terminated:
+            self._transmit_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._transmit_scheduled = False
+        if not self.terminated:
+            self.transmit()
+
+    def unacked(self, stream_id: int) -> int:
+        stream = self.quic._streams.get(stream_id)
+        return len(stream.sender._buffer) if stream is not None else 0
+
+    def finished(self, stream_id: int) -> bool:
+        """Our half of the stream is done: FIN (or reset) acknowledged."""
+        stream = self.quic._streams.get(stream_id)
+        return stream is None or stream.sender.is_finished
+
+    def forget(self, session_id: int) -> None:
+        self.sessions.pop(session_id, None)
+
+    # -- events ------------------------------------------------------------------
+
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if isinstance(event, ProtocolNegotiated):
+            if event.alpn_protocol in H3_ALPN:
+                self.h3 = H3Connection(self.quic, enable_webtransport=True)
+        elif isinstance(event, ConnectionTerminated):
+            self._terminated(event)
+            return
+        if self.h3 is None:
+            return
+        for h3_event in self.h3.handle_event(event):
+            self._h3_event(h3_event)
+        # Stream resets produce no H3 event.
+        if isinstance(event, StreamReset):
+            self._stream_reset(event.stream_id, event.error_code)
+        elif isinstance(event, StopSendingReceived):
+            session = self.sessions.get(event.stream_id)
+            if session is not None:
+                session.end(f"client stopped reading the session stream code={event.error_code}",
+                            reply="reset")
+            else:
+                for session in list(self.sessions.values()):
+                    session.on_stop_sending(event.stream_id)
+
+    def _h3_event(self, event: H3Event) -> None:
+        if isinstance(event, DatagramReceived):
+            session = self.sessions.get(event.stream_id)
+            if session is not None:
+                session.on_datagram(event.data)
+            else:
+                self.node.count_drop("wt_no_session")
+        elif isinstance(event, WebTransportStreamDataReceived):
+            session = self.sessions.get(event.session_id)
+            if session is not None:
+                session.on_stream_data(event.stream_id, event.data, event.stream_ended)
+            elif event.data:
+                self.node.count_drop("wt_no_session")
+        elif isinstance(event, DataReceived):
+            session = self.sessions.get(event.stream_id)
+            if session is not None:
+                session.on_connect_data(event.data, event.stream_ended)
+        elif isinstance(event, HeadersReceived) and event.stream_id not in self.sessions:
+            self._request(event.stream_id, dict(event.headers))
+
+    def _stream_reset(self, stream_id: int, code: int) -> None:
+        session = self.sessions.get(stream_id)
+        if session is not None:
+            session.end(f"client reset the session stream code={code}", reply="reset")
+            return
+        for session in list(self.sessions.values()):
+            session.on_stream_reset(stream_id)
+
+    def _terminated(self, event: ConnectionTerminated) -> None:
+        self.terminated = True
+        if event.reason_phrase == "Idle timeout":
+            why = f"idle timeout ({self.server.idle_timeout:g} s without a packet)"
+        else:
+            why = f"connection closed code={event.error_code} reason={event.reason_phrase!r}"
+        for session in list(self.sessions.values()):
+            session.end(why, reply="none")
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Forget this connection: no more pings or timers (its socket may be closed)."""
+        self.terminated = True
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+            self._ping_handle = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server.connections.discard(self)
+
+    # -- keepalive ---------------------------------------------------------------
+
+    def _arm_ping(self) -> None:
+        interval = self.node.settings.wt_ping_interval
+        if self._ping_handle is None and interval > 0 and not self.terminated:
+            self._ping_handle = self._loop.call_later(interval, self._ping)
+
+    def _ping(self) -> None:
+        """PING while sessions are open: a vanished peer then stops acking and the idle
+        timeout fires; a live one keeps the connection (and Chromium's side) alive."""
+        self._ping_handle = None
+        if self.terminated or not self.sessions:
+            return
+        self.quic.send_ping(0)
+        self.transmit()
+        self._arm_ping()
+
+    # -- requests ----------------------------------------------------------------
+
+    def _respond(self, stream_id: int, status: int, body: bytes = b"",
+                 content_type: str = "text/plain; charset=utf-8",
+                 extra: dict[str, str] | None = None, *, head: bool = False) -> None:
+        headers = [
+            (b":status", str(int(status)).encode()),
+            (b"server", f"prscd/{__version__}".encode()),
+            (b"x-prscd-meshid", self.node.settings.mesh_id.encode()),
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        for key, value in (extra or {}).items():
+            headers.append((key.lower().encode(), value.encode()))
+        send_body = bool(body) and not head
+        self.h3.send_headers(stream_id, headers, end_stream=not send_body)
+        if send_body:
+            self.h3.send_data(stream_id, body, end_stream=True)
+        self.transmit()
+
+    def _request(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
+        method = headers.get(b":method", b"")
+        if method == b"CONNECT":
+            self._connect(stream_id, headers)
+        elif method in (b"GET", b"HEAD"):
+            path = urlsplit(headers.get(b":path", b"/").decode(errors="replace")).path
+            reply = http.route(self.node, path)
+            self._respond(stream_id, reply.status, reply.body, reply.content_type,
+                          reply.headers, head=method == b"HEAD")
+        else:
+            self._respond(stream_id, HTTPStatus.METHOD_NOT_ALLOWED,
+                          b"use GET, or CONNECT with :protocol webtransport\n",
+                          extra={"allow": "GET, HEAD, CONNECT"})
+
+    def _connect(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
+        status, reason, query = check_connect(headers)
+        admission = None
+        if not status:
+            admission = self.node.admit(query, "webtransport")
+            if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
+                status, reason = admission.status, admission.reason
+        if status or admission is None:
+            log.info("connect refused status=%d reason=%s", status, reason)
+            self._respond(stream_id, status, reason.encode() + b"\n")
+            return
+        session = WebTransportSession(self, stream_id, self.node, self.server.counters)
+        self.sessions[stream_id] = session
+        self.h3.send_headers(stream_id, [
+            (b":status", b"200"),
+            (b"sec-webtransport-http3-draft", b"draft02"),
+            (b"server", f"prscd/{__version__}".encode()),
+            (b"x-prscd-meshid", self.node.settings.mesh_id.encode()),
+        ])
+        self.transmit()  # alone in its packet (FIELD-NOTES)
+        peer = self.node.open_peer(admission, "webtransport", session)
+        self.server.track(session.start(peer))
+        self._arm_ping()
+
+
+class WebTransportTransport:
+    """HTTP/3 listeners (IPv4 and IPv6) sharing the node's certificate and port."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.servers: list[QuicServer] = []
+        self.connections: set[H3Protocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        #: datagrams_in/out, stream_fallback, stream_messages_out: for tests and dumps.
+        self.counters: Counter[str] = Counter()
+        self.idle_timeout = node.settings.wt_idle_timeout
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _configuration(self, cert: CertInfo) -> QuicConfiguration:
+        config = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=H3_ALPN,
+            max_datagram_frame_size=65536,
+            idle_timeout=self.idle_timeout,
+        )
+        config.load_cert_chain(cert.cert_file, cert.key_file)
+        return config
+
+    async def start(self, host: str | None, port: int, cert: CertInfo) -> list[tuple[str, int]]:
+        loop = asyncio.get_running_loop()
+        config = self._configuration(cert)
+        addresses: list[tuple[str, int]] = []
+        for family, address in _bind_addresses(host or ""):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # As the WebSocket server: several worker processes may share the port.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((address, port))
+            except OSError as exc:
+                sock.close()
+                if family == socket.AF_INET6 and addresses:
+                    log.warning("webtransport: cannot bind [%s]:%d (%s); IPv4 only",
+                                address, port, exc.strerror)
+                    continue
+                raise
+            _, server = await loop.create_datagram_endpoint(
+                lambda: QuicServer(configuration=config,
+                                   create_protocol=partial(H3Protocol, server=self)),
+                sock=sock,
+            )
+            self.servers.append(server)
+            addresses.append(sock.getsockname()[:2])
+        self._log_browser_hints(cert, port)
+        log.info("webtransport listening udp=%s idle_timeout=%gs ping_interval=%gs",
+                 ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses),
+                 self.idle_timeout, self.node.settings.wt_ping_interval)
+        return addresses
+
+    def _log_browser_hints(self, cert: CertInfo, port: int) -> None:
+        """What a developer needs to open the demo with the (self-signed) dev certificate."""
+        settings = self.node.settings
+        host = settings.domain or (settings.host if settings.host not in ("", "0.0.0.0", "::")
+                                   else "127.0.0.1")
+        origin = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info("chromium flags for this certificate: "
+                 "--ignore-certificate-errors-spki-list=%s --origin-to-force-quic-on=%s "
+                 "(then open https://%s/); or pass serverCertificateHashes from "
+                 "https://%s/cert-hash", cert.spki_sha256_b64, origin, origin, origin)
+
+    async def close(self) -> None:
+        """Close every session with a capsule (1001), let them go out, then the sockets."""
+        closing: list[tuple[H3Protocol, int]] = []
+        for conn in list(self.connections):
+            for session in list(conn.sessions.values()):
+                session.close(CLOSE_GOING_AWAY, "node stopping")
+                closing.append((conn, session.session_id))
+            conn.transmit()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_GRACE
+        # Until each capsule's FIN is acknowledged (or the connection is gone).
+        while loop.time() < deadline and not all(
+            conn.terminated or conn.finished(sid) for conn, sid in closing
+        ):
+            await asyncio.sleep(0.01)
+        for server in self.servers:
+            server.close()  # CONNECTION_CLOSE to every connection, then the socket
+        for conn in list(self.connections):
+            conn.shutdown()
+        self.servers.clear()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def _bind_addresses(host: str) -> list[tuple[socket.AddressFamily, str]]:
+    """Both IP families: Chromium tries ::1 first for ``localhost`` with no IPv4 fallback."""
+    if not host:
+        return [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")]
+    if host in LOOPBACK_NAMES:
+        return [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        return list(dict.fromkeys((info[0], str(info[4][0])) for info in infos))
+    return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, host)]

@@ -1,0 +1,392 @@
+"""One WebTransport session = one peer: datagrams, reliable streams, capsules, close.
+
+The QUIC/HTTP-3 glue (:mod:`node.transports.webtransport`) routes each session's
+events here. A session is also the node's :class:`~node.server.Link` to its peer.
+
+Delivery to the peer:
+
+* datagram mode (the browser client): one msgpack message per datagram. aioquic
+  neither splits nor rejects a datagram larger than a packet: it keeps it at the head
+  of its queue forever and every later datagram waits behind it. So each message is
+  sized against the connection's real payload room first, and a message that does
+  not fit goes on a server-opened unidirectional stream instead.
+* reliable mode: once the peer writes on a stream (concatenated msgpack maps), it
+  is answered the same way, on one server-opened unidirectional stream.
+
+Server-opened *bidirectional* streams are never used: aioquic does not mark them as
+WebTransport streams and the peer's reply kills the connection (H3_FRAME_ERROR).
+
+Close codes (the 32-bit code of the CLOSE_WEBTRANSPORT_SESSION capsule) reuse the
+WebSocket numbers so operators read one vocabulary: 1001 node stopping, 1007 invalid
+message, 1009 message too big, 1011 internal error, 1013 peer sends faster than the
+node handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import msgpack
+from aioquic.buffer import Buffer, BufferReadError, encode_uint_var, size_uint_var
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
+
+from node.protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from node.presence import Peer
+    from node.server import Node
+    from node.transports.webtransport import H3Protocol
+
+log = logging.getLogger("prscd.wt")
+
+CLOSE_WEBTRANSPORT_SESSION = 0x2843
+DRAIN_WEBTRANSPORT_SESSION = 0x78AE
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_INVALID = 1007
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_OVERLOADED = 1013
+
+#: The close capsule's message is limited to 1024 bytes by the WebTransport drafts.
+MAX_CLOSE_REASON = 1024
+#: Frames received but not yet handled by the node, per session. aioquic grants
+#: flow-control credit as it reads, so QUIC never pushes back on a fast sender for us:
+#: past this, datagrams are dropped (unreliable by contract) and a stream writer is
+#: closed with 1013.
+MAX_INBOX = 1024
+#: Datagrams queued in aioquic (congestion-limited) before further ones are dropped.
+MAX_PENDING_DATAGRAMS = 256
+#: Largest capsule accepted on the CONNECT stream (only close/drain/GREASE are expected).
+MAX_CAPSULE_BYTES = 16 * 1024
+#: AEAD tag of every 1-RTT packet (all QUIC v1 cipher suites use 16 bytes).
+AEAD_TAG_SIZE = 16
+#: Room left for an ACK frame in the same packet. aioquic writes a pending ACK first;
+#: a datagram that only fits an otherwise empty packet then waits for the next send.
+ACK_ROOM = 32
+
+
+class MessageTooBig(ProtocolError):
+    """A message on a reliable stream is larger than MAX_MESSAGE_SIZE."""
+
+
+def datagram_room(quic: QuicConnection, session_id: int) -> int:
+    """The largest HTTP/3 datagram payload that fits one packet of this connection.
+
+    The same arithmetic as aioquic's packet builder: its datagram size (1200 unless
+    configured) minus the short header (1 byte, the peer's connection id, the packet
+    number), the AEAD tag, the DATAGRAM frame's type and length, and the
+    quarter-stream-id. With 8-byte connection ids that is 1169, the largest payload
+    that reached Chromium (FIELD-NOTES). The peer's max_datagram_frame_size caps it.
+    """
+    overhead = 1 + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE + AEAD_TAG_SIZE + 1
+    room = quic._max_datagram_size - overhead
+    room -= size_uint_var(room)
+    remote = quic._remote_max_datagram_frame_size
+    if remote is not None:
+        room = min(room, remote - 1 - size_uint_var(remote))
+    return room - size_uint_var(session_id // 4)
+
+
+def encode_capsule(capsule_type: int, payload: bytes) -> bytes:
+    return encode_uint_var(capsule_type) + encode_uint_var(len(payload)) + payload
+
+
+def encode_close_capsule(code: int, reason: str) -> bytes:
+    message = reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
+    return encode_capsule(CLOSE_WEBTRANSPORT_SESSION, code.to_bytes(4, "big") + message)
+
+
+def decode_close_capsule(payload: bytes) -> tuple[int, str]:
+    code = int.from_bytes(payload[:4], "big") if len(payload) >= 4 else 0
+    return code, payload[4:].decode(errors="replace")
+
+
+def parse_capsules(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Remove the complete capsules from the front of ``buf``; leave a partial one."""
+    out: list[tuple[int, bytes]] = []
+    while buf:
+        reader = Buffer(data=bytes(buf[:16]))
+        try:
+            capsule_type = reader.pull_uint_var()
+            length = reader.pull_uint_var()
+        except BufferReadError:
+            break
+        start = reader.tell()
+        if length > MAX_CAPSULE_BYTES:
+            raise ProtocolError(f"capsule of {length} bytes on the session stream")
+        if len(buf) < start + length:
+            break
+        out.append((capsule_type, bytes(buf[start:start + length])))
+        del buf[:start + length]
+    return out
+
+
+class FrameSplitter:
+    """Cut a stream of concatenated msgpack values into the raw bytes of each value.
+
+    Raw bytes rather than decoded objects: ``node.receive`` validates a frame itself,
+    exactly as for a WebSocket message or a datagram. ``Unpacker.skip`` walks a value
+    without building it; ``tell()`` gives where it ended.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, max_message: int) -> None:
+        self.max_message = max_message
+        self._unpacker = msgpack.Unpacker(max_buffer_size=max_message + self.CHUNK)
+        self._buf = bytearray()  # fed, not yet returned as frames
+        self._pos = 0  # the unpacker's offset at the start of _buf
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an unfinished message."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        frames: list[bytes] = []
+        for i in range(0, len(data), self.CHUNK):
+            chunk = data[i:i + self.CHUNK]
+            try:
+                self._unpacker.feed(chunk)
+            except msgpack.BufferFull:
+                raise MessageTooBig(f"message larger than {self.max_message} bytes") from None
+            self._buf += chunk
+            while True:
+                try:
+                    self._unpacker.skip()
+                except msgpack.OutOfData:
+                    break
+                except (ValueError, msgpack.UnpackException) as exc:
+                    if "exceeds max" in str(exc):
+                        raise MessageTooBig(
+                            f"message larger than {self.max_message} bytes") from None
+                    raise ProtocolError(
+                        f"stream: not valid msgpack ({type(exc).__name__})") from None
+                end = self._unpacker.tell()
+                size = end - self._pos
+                frames.append(bytes(self._buf[:size]))
+                del self._buf[:size]
+                self._pos = end
+            if len(self._buf) > self.max_message:
+                raise MessageTooBig(f"message larger than {self.max_message} bytes")
+        return frames
+
+
+class WebTransportSession:
+    """One session on one QUIC connection, and the node's Link to its peer.
+
+    Frames are handed to the node one at a time, in order, by one task per session
+    (as the WebSocket handler does), so a join is registered before the next frame.
+    """
+
+    transport = "webtransport"
+
+    def __init__(self, conn: H3Protocol, session_id: int, node: Node,
+                 counters: Counter[str]) -> None:
+        self.conn = conn
+        self.session_id = session_id
+        self.node = node
+        self.counters = counters
+        self.peer: Peer | None = None
+        #: Set once the peer writes on a stream: it is then answered on a stream.
+        self.reliable = False
+        self.closed = False
+        self.why = ""
+        self.task: asyncio.Task[None] | None = None
+        self._out_stream: int | None = None
+        self._splitters: dict[int, FrameSplitter] = {}
+        self._capsules = bytearray()
+        self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._connect_stream_done = False
+
+    def start(self, peer: Peer) -> asyncio.Task[None]:
+        self.peer = peer
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self.task
+
+    # -- Link ------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one message; False when dropped (session closed or peer too slow)."""
+        if self.closed or self.conn.terminated:
+            return False
+        quic = self.conn.quic
+        if not self.reliable:
+            if len(frame) <= datagram_room(quic, self.session_id) - ACK_ROOM:
+                if len(quic._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
+                    return False
+                self.conn.h3.send_datagram(self.session_id, frame)
+                self.conn.schedule_transmit()
+                self.counters["datagrams_out"] += 1
+                return True
+            self.counters["stream_fallback"] += 1
+        return self._send_on_stream(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        """Server-side close: CLOSE_WEBTRANSPORT_SESSION capsule + FIN, then the peer ends."""
+        if self.closed:
+            return
+        capsule = encode_close_capsule(code, reason)
+        self._end_connect_stream(capsule)
+        self.conn.schedule_transmit()
+        self.end(f"closed by server code={code} reason={reason[:120]!r}")
+
+    # -- events from the connection -----------------------------------------
+
+    def on_datagram(self, data: bytes) -> None:
+        if not self.closed:
+            self.counters["datagrams_in"] += 1
+            self._enqueue(data, reliable=False)
+
+    def on_stream_data(self, stream_id: int, data: bytes, ended: bool) -> None:
+        if self.closed:
+            return
+        self.reliable = True
+        splitter = self._splitters.get(stream_id)
+        if splitter is None:
+            splitter = self._splitters[stream_id] = FrameSplitter(
+                self.node.settings.max_message_bytes)
+        try:
+            frames = splitter.feed(data)
+        except ProtocolError as exc:
+            self._refuse(exc)
+            return
+        for frame in frames:
+            if not self._enqueue(frame, reliable=True):
+                return
+        if ended:
+            del self._splitters[stream_id]
+            if splitter.pending:
+                self._refuse(ProtocolError("stream ended inside a message"))
+
+    def on_stream_reset(self, stream_id: int) -> None:
+        """The peer abandoned one of its streams: what it held of a message is lost."""
+        splitter = self._splitters.pop(stream_id, None)
+        if splitter is not None and splitter.pending:
+            self.node.count_drop("wt_stream_reset")
+
+    def on_stop_sending(self, stream_id: int) -> None:
+        """The peer no longer reads our stream (aioquic has reset it): open a new one."""
+        if stream_id == self._out_stream:
+            self._out_stream = None
+
+    def on_connect_data(self, data: bytes, ended: bool) -> None:
+        """Capsules on the CONNECT stream; its FIN ends the session."""
+        if self.closed:
+            return
+        self._capsules += data
+        try:
+            capsules = parse_capsules(self._capsules)
+        except ProtocolError as exc:
+            self._refuse(exc)
+            return
+        for capsule_type, payload in capsules:
+            if capsule_type == CLOSE_WEBTRANSPORT_SESSION:
+                code, reason = decode_close_capsule(payload)
+                self.end(f"closed by client code={code} reason={reason[:120]!r}")
+                return
+            if capsule_type == DRAIN_WEBTRANSPORT_SESSION:
+                log.debug("drain capsule sid=%s", self.peer.sid if self.peer else "-")
+            # Anything else (Chromium sends a GREASE capsule right after the 200) is ignored.
+        if ended:
+            self.end("client ended the session stream (FIN)")
+
+    def end(self, why: str, *, reply: str = "fin") -> None:
+        """The session is over: stop sending, answer the CONNECT stream, end the peer.
+
+        ``reply`` is how our half of the CONNECT stream ends: "fin", "reset" (the peer
+        reset its half) or "none" (the connection is gone).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.why = why
+        if reply == "fin":
+            self._end_connect_stream(b"")
+        elif reply == "reset" and not self._connect_stream_done:
+            self._connect_stream_done = True
+            self._best_effort(lambda: self.conn.quic.reset_stream(self.session_id, 0))
+        if reply != "none" and self._out_stream is not None:
+            out = self._out_stream
+            self._best_effort(lambda: self.conn.quic.send_stream_data(out, b"", True))
+        self._splitters.clear()
+        self.conn.forget(self.session_id)
+        self._inbox.put_nowait(None)
+        if reply != "none":
+            self.conn.schedule_transmit()
+
+    # -- internals -------------------------------------------------------------
+
+    def _send_on_stream(self, frame: bytes) -> bool:
+        quic = self.conn.quic
+        if self._out_stream is None:
+            self._out_stream = self.conn.h3.create_webtransport_stream(
+                self.session_id, is_unidirectional=True)
+        elif self.conn.unacked(self._out_stream) > self.node.settings.write_buffer_limit:
+            return False
+        try:
+            quic.send_stream_data(self._out_stream, frame)
+        except (RuntimeError, ValueError):
+            # Reset under us (STOP_SENDING): the next message opens a new stream.
+            self._out_stream = None
+            return False
+        self.conn.schedule_transmit()
+        self.counters["stream_messages_out"] += 1
+        return True
+
+    def _enqueue(self, frame: bytes, *, reliable: bool) -> bool:
+        if self._inbox.qsize() >= MAX_INBOX:
+            self.node.count_drop("wt_backlog")
+            if reliable:
+                self.close(CLOSE_OVERLOADED, "too many messages waiting: slow down")
+                return False
+            return True
+        self._inbox.put_nowait(frame)
+        return True
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        """Bad input closes this session only, with the reason in the capsule."""
+        too_big = isinstance(exc, MessageTooBig)
+        self.node.count_drop("too_big" if too_big else "invalid")
+        peer = self.peer
+        log.info("invalid input sid=%s id=%s reason=%s",
+                 peer.sid if peer else "-", peer.client_id if peer else "-", exc)
+        self.close(CLOSE_TOO_BIG if too_big else CLOSE_INVALID, str(exc))
+
+    def _end_connect_stream(self, data: bytes) -> None:
+        if self._connect_stream_done:
+            return
+        self._connect_stream_done = True
+        self._best_effort(lambda: self.conn.h3.send_data(self.session_id, data, True))
+
+    def _best_effort(self, write: Callable[[], object]) -> None:
+        """Writes while tearing down may meet a stream the peer already reset."""
+        if self.conn.terminated:
+            return
+        try:
+            write()
+        except Exception as exc:  # aioquic raises several types here; none matters
+            log.debug("session teardown write failed: %r", exc)
+
+    async def _run(self) -> None:
+        node, peer = self.node, self.peer
+        assert peer is not None
+        try:
+            while (frame := await self._inbox.get()) is not None:
+                try:
+                    await node.receive(peer, frame)
+                except ProtocolError as exc:
+                    self._refuse(exc)
+                    break
+                except Exception:
+                    log.exception("frame handling failed sid=%s", peer.sid)
+                    self.close(CLOSE_INTERNAL, "internal error")
+                    break
+        finally:
+            await node.close_peer(peer, self.why or "session task ended")
