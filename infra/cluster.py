@@ -129,6 +129,8 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
         try:
             if predicate():
                 return
+        except RuntimeError:
+            raise
         except Exception:
             pass
         if time.monotonic() > deadline:
@@ -235,9 +237,13 @@ class Cluster:
         return self._spawn("node", region, cmd, env, str(env_file))
 
     def wait_nats(self, timeout: float = 15.0) -> None:
+        def listening(r: str) -> bool:
+            if not self._running("nats", r):
+                raise RuntimeError(f"nats {r} exited: {self.log_tail('nats', r, 600)}")
+            return _port_open(self.port(r, "nats"))
+
         for r in self.regions:
-            _wait(lambda r=r: self._running("nats", r) and _port_open(self.port(r, "nats")),
-                  timeout, f"nats {r}")
+            _wait(lambda r=r: listening(r), timeout, f"nats {r}")
         others = len(self.regions) - 1
 
         def formed(r: str) -> bool:

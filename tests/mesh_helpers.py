@@ -157,3 +157,27 @@ class NatsServer:
 
     def gatewayz(self) -> dict[str, Any]:
         return http_json(f"{self.monitor}/gatewayz")
+
+
+def free_port_block(count: int, tries: int = 200) -> int:
+    """A first port such that ``count`` consecutive ports are free (TCP and UDP)."""
+    import random
+
+    for _ in range(tries):
+        base = random.randint(20000, 60000 - count)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                tcp = socket.socket()
+                socks.append(tcp)
+                tcp.bind(("127.0.0.1", port))
+                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(udp)
+                udp.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")

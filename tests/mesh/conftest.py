@@ -42,3 +42,25 @@ async def make_puppet() -> AsyncIterator[Callable[..., Any]]:
 
 PuppetFactory = Callable[..., Any]
 __all__ = ["NatsFactory", "Puppet", "PuppetFactory"]
+
+
+def cluster_ports() -> Any:
+    """Free ports for infra.cluster: one block of 12 (3 regions x 4 kinds)."""
+    from infra.cluster import Ports
+    from tests.mesh_helpers import free_port_block
+
+    base = free_port_block(12)
+    return Ports(nats=base, http=base + 3, gateway=base + 6, node=base + 9)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The three-region topology of `python -m infra.cluster up`, on free ports."""
+    from infra.cluster import Cluster
+
+    c = Cluster(tmp_path_factory.mktemp("cluster"), cluster_ports())
+    c.up()
+    try:
+        yield c
+    finally:
+        c.down()
