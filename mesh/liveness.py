@@ -203,7 +203,8 @@ class Liveness:
         self.dead[node] = (why, self.clock())
         self.declared_dead += 1
         silent = f" silent_for={self.clock() - info.last_seen:.2f}s" if info else ""
-        log.warning("node down node=%s reason=%s%s", node, why, silent)
+        log.log(logging.INFO if why == BYE else logging.WARNING,
+                "node down node=%s reason=%s%s", node, why, silent)
         self.on_down(node, why)
 
     # -- the check ---------------------------------------------------------------
