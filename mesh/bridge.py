@@ -97,6 +97,7 @@ class Source:
         self.bus, self.mesh_id, self.node_id, self.name = bus, mesh_id, node_id, name
         self.published = 0
         self.failed = 0
+        self._logged_at = 0
 
     async def publish(self, sig: Signalling, tag: int = TAG_PEER,
                       headers: dict[str, str] | None = None) -> None:
@@ -107,7 +108,11 @@ class Source:
             self.published += 1
         except Exception as exc:  # the bus is down: local presence carries on
             self.failed += 1
-            log.warning("source publish failed subject=%s error=%s", subject, exc)
+            # The first failure and every 1000th: not one line per message while away.
+            if self.failed == 1 or self.failed - self._logged_at >= 1000:
+                self._logged_at = self.failed
+                log.warning("source publish failed subject=%s error=%s failed_total=%d",
+                            subject, exc, self.failed)
 
 
 class StreamFunction:
