@@ -49,6 +49,8 @@ STATIC_PAGES = {
     "/websocket.html": ("websocket.html", "text/html; charset=utf-8"),
     "/webtransport.html": ("webtransport.html", "text/html; charset=utf-8"),
     "/presence.js": ("presence.js", "text/javascript; charset=utf-8"),
+    "/demo.js": ("demo.js", "text/javascript; charset=utf-8"),
+    "/demo.css": ("demo.css", "text/css; charset=utf-8"),
 }
 
 

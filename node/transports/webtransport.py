@@ -236,6 +236,7 @@ class H3Protocol(QuicConnectionProtocol):
         if method == b"CONNECT":
             self._connect(stream_id, headers)
         elif method in (b"GET", b"HEAD"):
+            self.server.counters["http3_requests"] += 1
             path = urlsplit(headers.get(b":path", b"/").decode(errors="replace")).path
             reply = http.route(self.node, path)
             self._respond(stream_id, reply.status, reply.body, reply.content_type,
@@ -278,7 +279,7 @@ class WebTransportTransport:
         self.servers: list[QuicServer] = []
         self.connections: set[H3Protocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        #: datagrams_in/out, stream_fallback, stream_messages_out: for tests and dumps.
+        #: datagrams_in/out, stream_fallback, stream_messages_out, http3_requests.
         self.counters: Counter[str] = Counter()
         self.idle_timeout = node.settings.wt_idle_timeout
 
