@@ -349,7 +349,10 @@ class NatsBus(Bus):
             return
         sub.sub = await conn.nc.subscribe(sub.subject, cb=sub.deliver)
         if conn.nc.is_connected:
-            # The server has the interest before we answer the peer that caused it.
+            # The server has the interest before we answer the peer that caused it. nats-py
+            # queues SUB for its flusher task but writes PING at once: let the flusher
+            # run first, or the PONG can come back before the SUB was even sent.
+            await asyncio.sleep(0)
             try:
                 await conn.nc.flush(timeout=1)
             except Exception as exc:
