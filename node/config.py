@@ -109,7 +109,7 @@ class Settings:
     ping_interval: float = 10.0
     ping_timeout: float = 20.0
     ws_compression: bool = False
-    webtransport: bool = False
+    webtransport: bool = True
     #: WebTransport: QUIC idle timeout and server PING interval (seconds). A killed
     #: browser sends nothing, so it is noticed only when pings go unanswered for this long.
     wt_idle_timeout: float = 10.0
@@ -196,7 +196,7 @@ class Settings:
             ping_interval=_number(env, "PING_INTERVAL", 10.0),
             ping_timeout=_number(env, "PING_TIMEOUT", 20.0),
             ws_compression=_bool(env, "WS_COMPRESSION", False),
-            webtransport=_bool(env, "WEBTRANSPORT", False),
+            webtransport=_bool(env, "WEBTRANSPORT", True),
             wt_idle_timeout=_number(env, "WT_IDLE_TIMEOUT", 10.0),
             wt_ping_interval=_number(env, "WT_PING_INTERVAL", 4.0),
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
