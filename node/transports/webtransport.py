@@ -210,6 +210,10 @@ class H3Protocol(QuicConnectionProtocol):
         self.quic.send_ping(0)
         self.transmit()
         self._arm_ping()
+        rtt = self.quic._loss._rtt_smoothed  # QUIC's own estimate, shown in state dumps
+        for session in self.sessions.values():
+            if session.peer is not None and rtt:
+                session.peer.rtt_ms = round(rtt * 1000, 3)
 
     # -- requests ----------------------------------------------------------------
 
@@ -323,6 +327,10 @@ class WebTransportTransport:
             )
             self.servers.append(server)
             addresses.append(sock.getsockname()[:2])
+        ping, idle = self.node.settings.wt_ping_interval, self.idle_timeout
+        if not 0 < ping < idle / 2:
+            log.warning("WT_PING_INTERVAL=%g with WT_IDLE_TIMEOUT=%g: quiet but live sessions "
+                        "may be cut; keep the interval under half the idle timeout", ping, idle)
         self._log_browser_hints(cert, port)
         log.info("webtransport listening udp=%s idle_timeout=%gs ping_interval=%gs",
                  ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses),
