@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,18 @@ class ConfigError(ValueError):
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+
+
+class _Reading(dict[str, str]):
+    """The environment, remembering which keys the parser asked for."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        super().__init__(env)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
 
 
 def _bool(env: Mapping[str, str], key: str, default: bool) -> bool:
@@ -131,6 +143,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from a mapping (the environment merged over ``.env``)."""
+        env = seen = _Reading(env)
         port = _number(env, "PORT", 8443, int)
         if port > 65535:
             raise ConfigError(f"PORT={port}: not a port number")
@@ -160,8 +173,7 @@ class Settings:
         nats_ping = _number(env, "NATS_PING_INTERVAL", 2.0)
         if nats_ping <= 0:
             raise ConfigError(f"NATS_PING_INTERVAL={nats_ping}: must be positive")
-        known = {f.name.upper() for f in fields(cls)}
-        return cls(
+        settings = cls(
             debug=_bool(env, "DEBUG", False),
             host=env.get("HOST", "").strip(),
             port=port,
@@ -202,8 +214,10 @@ class Settings:
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
             pid_file=env.get("PID_FILE", "").strip(),
             drain_seconds=_number(env, "DRAIN_SECONDS", 0.0),
-            extra={k: v for k, v in env.items() if k.upper() not in known},
+            extra={},
         )
+        # Everything the parser did not ask for: OTEL_* and other adapters' keys.
+        return replace(settings, extra={k: v for k, v in env.items() if k not in seen.asked})
 
     def pid_path(self) -> Path:
         if self.pid_file:

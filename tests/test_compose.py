@@ -1,0 +1,160 @@
+"""docker-compose.yml checked without Docker: parsed, cross-checked with infra/ and the code.
+
+No Docker engine runs here, so each claim the file makes is checked against something
+real: the NATS config is validated by the real nats-server with each service's
+environment, node settings by the real Settings parser, the image's HEALTHCHECK command
+is run against a real node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from infra.cluster import REGIONS, nats_server_bin
+from mesh.tracing import resolve_endpoint
+from node.config import Settings
+from tests.conftest import NodeFactory
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def env_of(service: str) -> dict[str, str]:
+    return {k: str(v) for k, v in SERVICES[service].get("environment", {}).items()}
+
+
+def host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname and parts.port, url
+    return parts.hostname, parts.port
+
+
+def test_three_regions_each_with_nats_and_a_node() -> None:
+    assert REGIONS == ("us-east", "eu-west", "ap-south")
+    for region in REGIONS:
+        assert f"nats-{region}" in SERVICES and f"prscd-{region}" in SERVICES
+        assert env_of(f"nats-{region}")["NATS_REGION"] == region
+        assert env_of(f"prscd-{region}")["MESH_ID"] == region
+    assert "jaeger" in SERVICES
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_nats_config_is_the_one_infra_uses_and_valid_with_this_environment(region: str) -> None:
+    service = SERVICES[f"nats-{region}"]
+    mount = next(v for v in service["volumes"] if v.endswith("/etc/nats/region.conf:ro"))
+    source = ROOT / mount.split(":")[0]
+    assert source.resolve() == (ROOT / "infra" / "nats" / "region.conf").resolve()
+    assert service["command"] == ["-c", "/etc/nats/region.conf"]
+    config = "\n".join(line.split("#", 1)[0] for line in source.read_text().splitlines())
+    needed = set(re.findall(r"\$([A-Z_]+)", config))
+    env = env_of(f"nats-{region}")
+    assert needed <= set(env), f"unset in compose: {needed - set(env)}"
+    # The real nats-server parses the file with exactly this environment.
+    run = subprocess.run([nats_server_bin(), "-c", str(source), "-t"], env={**env},
+                         capture_output=True, text=True, timeout=20)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "healthcheck" in service and "8222" in " ".join(service["healthcheck"]["test"])
+    assert env["NATS_HTTP_LISTEN"].endswith(":8222")
+
+
+def test_gateway_urls_point_at_the_region_services() -> None:
+    for region in REGIONS:
+        env = env_of(f"nats-{region}")
+        gw_port = int(env["NATS_GATEWAY_LISTEN"].rsplit(":", 1)[1])
+        for other in REGIONS:
+            host, port = host_port(env[f"GW_{other.upper().replace('-', '_')}"])
+            assert host == f"nats-{other}" and port == gw_port
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_node_settings_parse_and_prefer_their_own_region(region: str) -> None:
+    env = env_of(f"prscd-{region}")
+    settings = Settings.from_env(env)
+    assert settings.extra == {}, f"keys the node does not know: {sorted(settings.extra)}"
+    assert settings.mesh_id == region
+    urls = settings.nats_url.split(",")
+    assert next(host_port(u)[0] for u in urls) == f"nats-{region}"
+    assert {host_port(u)[0] for u in urls} == {f"nats-{r}" for r in REGIONS}
+    client_port = int(env_of(f"nats-{region}")["NATS_CLIENT_LISTEN"].rsplit(":", 1)[1])
+    assert {host_port(u)[1] for u in urls} == {client_port}
+    endpoint, note = resolve_endpoint(settings.jaeger_endpoint, settings.extra)
+    assert host_port(endpoint) == ("jaeger", 4318) and note is None
+    assert settings.cert_file.startswith("/certs/")
+    deps = SERVICES[f"prscd-{region}"]["depends_on"]
+    assert deps[f"nats-{region}"]["condition"] == "service_healthy"
+    assert deps["certs"]["condition"] == "service_completed_successfully"
+
+
+def test_published_ports_are_unique_and_tcp_udp_pairs() -> None:
+    seen: set[str] = set()
+    for region in REGIONS:
+        ports = SERVICES[f"prscd-{region}"]["ports"]
+        inside = env_of(f"prscd-{region}")["PORT"]
+        host = {p.split(":")[0] for p in ports}
+        assert len(host) == 1 and sorted(p.rsplit("/", 1)[1] for p in ports) == ["tcp", "udp"]
+        assert all(p.split(":")[1].split("/")[0] == inside for p in ports)
+        assert not host & seen
+        seen |= host
+        public = urlsplit(env_of(f"prscd-{region}")["PUBLIC_URL"])
+        assert str(public.port) in host
+    jaeger_ports = {p.split(":")[0] for p in SERVICES["jaeger"]["ports"]}
+    assert {"16686", "4318"} <= {p.strip('"').split()[0] for p in jaeger_ports}
+
+
+def test_every_dependency_exists() -> None:
+    for name, service in SERVICES.items():
+        for dep in service.get("depends_on", {}):
+            assert dep in SERVICES, f"{name} depends on unknown {dep}"
+
+
+def test_image_is_slim_non_root_and_health_checked() -> None:
+    assert re.search(r"^FROM python:3\.11-slim", DOCKERFILE, re.M)
+    assert re.search(r"^USER prscd$", DOCKERFILE, re.M)
+    assert "HEALTHCHECK" in DOCKERFILE and "/health" in DOCKERFILE
+    assert re.search(r"^EXPOSE 8443/tcp 8443/udp$", DOCKERFILE, re.M)
+    for name in ("node", "mesh", "pyproject.toml"):
+        assert re.search(rf"^COPY .*{name}", DOCKERFILE, re.M), name
+    built = [n for n, s in SERVICES.items() if "build" in s]
+    assert set(built) == {"certs", *(f"prscd-{r}" for r in REGIONS)}
+
+
+def healthcheck_argv() -> list[str]:
+    line = DOCKERFILE.split("HEALTHCHECK", 1)[1]
+    cmd = line.split("CMD", 1)[1].strip()
+    argv = json.loads(cmd.split("\n")[0])
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
+
+
+async def test_image_healthcheck_command_passes_on_a_live_node(node_factory: NodeFactory) -> None:
+    node = await node_factory()
+    env = {**os.environ, "PORT": str(node.port)}
+    proc = await asyncio.create_subprocess_exec(*healthcheck_argv(), env=env)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    await node.node.stop()
+    proc = await asyncio.create_subprocess_exec(*healthcheck_argv(), env=env,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    assert await asyncio.wait_for(proc.wait(), 10) != 0
+
+
+def test_certs_service_makes_the_files_the_nodes_load() -> None:
+    certs = SERVICES["certs"]
+    code = certs["command"][0]
+    assert "ensure_certificate" in code and "/certs" in code
+    assert "prscd-certs:/certs" in certs["volumes"]
+    for region in REGIONS:
+        env = env_of(f"prscd-{region}")
+        assert env["CERT_FILE"] == "/certs/dev-cert.pem" and env["KEY_FILE"] == "/certs/dev-key.pem"
