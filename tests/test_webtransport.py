@@ -214,7 +214,7 @@ async def test_every_way_a_session_ends_sends_peer_offline(
         elapsed = time.monotonic() - started
     assert [p.client_id for p in node.node.presence.peers.values()] == ["watcher"]
     if how != "vanish":
-        assert elapsed < 0.5, f"{how}: offline after {elapsed:.2f}s"
+        assert elapsed < 1.0, f"{how}: offline after {elapsed:.2f}s"
     await ws.close()
 
 

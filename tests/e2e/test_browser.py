@@ -110,6 +110,7 @@ class Browser:
         pid = self.chromium_pid
         if pid is None:
             return
+        self.chromium_pid = None  # once: never signal a pid that may have been reused
         with suppress(ProcessLookupError):
             if os.getpgid(pid) == pid:
                 os.killpg(pid, signal.SIGKILL)
