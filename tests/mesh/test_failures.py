@@ -123,6 +123,8 @@ async def test_bus_outage_keeps_local_presence_and_recovers_without_losing_peers
     await alice.wait_peers("room", {"bob", "carol", "dave"}, timeout=10)
     await dave.wait_peers("room", {"alice", "bob", "carol"}, timeout=10)
     await alice.broadcast("room", "m", {"after": 1})
-    got = await bob.wait_data("room", "m", count=2, timeout=10)
-    assert got[-1]["data"] == {"after": 1}
+    # (What alice sent during the outage was buffered and may or may not have made it:
+    # core NATS is at-most-once across a reconnect.)
+    await bob.wait_for(lambda: any(m["data"] == {"after": 1} for m in bob.data("room", "m")),
+                       timeout=10, what="a broadcast after the outage")
     assert a.node.liveness.declared_dead == 0
