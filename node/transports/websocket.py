@@ -2,14 +2,31 @@
 
 One connection = one peer. Frames are handled one at a time, in order, so a join
 is registered before the joiner's next frame. Close codes say what went wrong:
-1003 text frame, 1007 invalid message (with the reason), 1009 too big, 1011 ping
-timeout, 1001 server going away.
+1003 text frame, 1007 invalid message (with the reason), 1008 slow reader (more than
+``WRITE_BUFFER_LIMIT`` bytes queued), 1009 too big, 1011 ping timeout, 1001 server
+going away.
+
+Fan-out is the hot path, and on loopback its cost is almost all ``send()`` system
+calls (one per peer per message, the way ``websockets.broadcast`` does it). So:
+
+* a frame is framed once (server frames are unmasked and compression is off, so the
+  bytes are the same for every peer) and the same bytes object is queued to each peer;
+* queued frames are written once per event-loop turn, one ``write``/``writelines``
+  per peer: when the node handles k messages in a turn, a peer costs one system call,
+  not k. Nothing awaits per peer and no payload is copied in Python;
+* the library's own writes (pings, pongs, close frames) go through
+  ``ServerConnection.send_data``, which first writes what we queued, so the order
+  on the wire stays the order of the calls. With compression negotiated, frames
+  take the library's path (each connection has its own compressor).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import math
 import struct
 import time
 from http import HTTPStatus
@@ -31,36 +48,248 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prscd.ws")
 
+#: Fire-and-forget tasks (pings, closes), referenced until done so none is collected early.
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
 CLOSE_UNSUPPORTED = 1003
 CLOSE_INVALID = 1007
+CLOSE_SLOW_READER = 1008
 CLOSE_PING_TIMEOUT = 1011
+
+OPEN = State.OPEN
+
+
+def frame_header(length: int) -> bytes:
+    """Header of an unmasked, final binary frame (what a server sends)."""
+    if length < 126:
+        return bytes((0x82, length))
+    if length < 65536:
+        return struct.pack("!BBH", 0x82, 126, length)
+    return struct.pack("!BBQ", 0x82, 127, length)
+
+
+class PeerConnection(ServerConnection):
+    """A ``ServerConnection`` whose library writes go out after the node's queued frames."""
+
+    prscd_link: WebSocketLink | None = None
+
+    def send_data(self) -> None:
+        link = self.prscd_link
+        if link is not None and link.pending is not None:
+            link.flush()
+        super().send_data()
+
+
+class Writer:
+    """Frames each message once and writes each peer's queue once per loop turn."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.limit = node.settings.write_buffer_limit
+        self._dirty: list[WebSocketLink] = []
+        self._frame: bytes | None = None
+        self._wire = b""
+
+    def wire(self, frame: bytes) -> bytes:
+        """``frame`` with its WebSocket header; built once for all peers of a Deliver."""
+        if frame is not self._frame:  # identity: every peer of one Deliver shares the object
+            self._frame = frame
+            self._wire = frame_header(len(frame)) + frame
+        return self._wire
+
+    def mark(self, link: WebSocketLink) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self.flush_all)
+        self._dirty.append(link)
+
+    def flush_all(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for link in dirty:
+            if link.pending is not None:
+                link.flush()
+
+    def slow_reader(self, link: WebSocketLink, queued: int) -> None:
+        """Too much queued for one peer: close it (1008) rather than buffer without bound."""
+        self.node.count_drop("slow_reader")
+        peer = link.peer
+        log.warning("slow reader sid=%s id=%s queued=%d limit=%d: closing 1008",
+                    peer.sid if peer else "?", peer.client_id if peer else "?",
+                    queued, self.limit)
+        link.force_close(CLOSE_SLOW_READER, f"slow reader: {queued} bytes queued")
 
 
 class WebSocketLink:
     """What the node uses to send to one WebSocket peer: never blocks, never waits."""
 
-    __slots__ = ("limit", "ws")
+    __slots__ = ("abort_handle", "closing", "fast", "gone", "peer", "pending", "ping_sent",
+                 "pinged_at", "writer", "ws")
     transport = "websocket"
 
-    def __init__(self, ws: ServerConnection, limit: int) -> None:
+    def __init__(self, ws: ServerConnection, writer: Writer) -> None:
         self.ws = ws
-        self.limit = limit
+        self.writer = writer
+        self.peer: Peer | None = None
+        #: Frames queued this loop turn (None: nothing queued, not in the dirty list).
+        self.pending: list[bytes] | None = None
+        self.closing = False
+        self.gone = False
+        #: When the last ping went out, and whether its pong is still awaited.
+        self.pinged_at = 0.0
+        self.ping_sent: float | None = None
+        self.abort_handle: asyncio.TimerHandle | None = None
+        # Same bytes for every peer only without per-connection extensions (compression).
+        self.fast = not ws.protocol.extensions
 
     def send(self, frame: bytes) -> bool:
-        """Queue one binary frame; False when dropped (closed, or a reader too slow)."""
+        """Queue one binary frame; False when not sent (closed, or closing a slow reader)."""
         ws = self.ws
-        if ws.protocol.state is not State.OPEN:
+        if ws.protocol.state is not OPEN or self.closing:
             return False
-        transport = ws.transport
-        if transport is not None and transport.get_write_buffer_size() > self.limit:
-            return False
-        # What websockets.broadcast() does for one connection, without a list.
-        ws.protocol.send_binary(frame)
-        ws.send_data()
+        if not self.fast:
+            ws.protocol.send_binary(frame)
+            ws.send_data()
+            self._check(ws.transport.get_write_buffer_size())
+            return True
+        wire = self.writer.wire(frame)
+        pending = self.pending
+        if pending is None:
+            self.pending = [wire]
+            self.writer.mark(self)
+        else:
+            pending.append(wire)
         return True
 
+    def flush(self) -> None:
+        pending, self.pending = self.pending, None
+        transport = self.ws.transport
+        if not pending or transport.is_closing():
+            return
+        if len(pending) == 1:
+            transport.write(pending[0])
+        else:
+            transport.writelines(pending)
+        self._check(transport.get_write_buffer_size())
+
+    def _check(self, queued: int) -> None:
+        if queued > self.writer.limit and not self.closing:
+            self.writer.slow_reader(self, queued)
+
     def close(self, code: int, reason: str) -> None:
-        asyncio.get_running_loop().create_task(self.ws.close(code, reason[:120]))
+        _spawn(self.ws.close(code, reason[:120]))
+
+    def force_close(self, code: int, reason: str) -> None:
+        """Close without waiting for the write buffer to drain (``ws.close()`` would).
+
+        The close frame goes behind what is queued, so a slow but live reader still
+        sees the code; a peer that never reads is aborted after the close timeout.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        ws = self.ws
+        if ws.protocol.state is OPEN:
+            ws.protocol.send_close(code, reason[:120])
+            ws.send_data()
+        loop = asyncio.get_running_loop()
+        grace = ws.close_timeout if ws.close_timeout is not None else 10.0
+        self.abort_handle = loop.call_later(grace, ws.transport.abort)
+        if self.peer is not None:
+            # Gone for everyone now, not when the socket finally dies.
+            why = f"close code={code} reason={reason!r}"
+            _spawn(self.writer.node.close_peer(self.peer, why))
+
+
+class Keepalive:
+    """One timer for all peers: a timestamp ping every ``interval``; a pong later than
+    ``timeout`` closes 1011. (A task per connection cost memory, and awaiting
+    ``ws.ping()`` hung on a peer whose write buffer never drained.)"""
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self._heap: list[tuple[float, int, WebSocketLink]] = []
+        self._seq = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def add(self, link: WebSocketLink) -> None:
+        if self.interval:
+            link.pinged_at = asyncio.get_running_loop().time()
+            self._push(link.pinged_at + self.interval, link)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        self._heap.clear()
+
+    def _push(self, when: float, link: WebSocketLink) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), link))
+        if when < self._timer_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._tick)
+
+    def _tick(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        now = asyncio.get_running_loop().time()
+        heap = self._heap
+        later: list[tuple[float, WebSocketLink]] = []
+        while heap and heap[0][0] <= now:
+            _, _, link = heapq.heappop(heap)
+            if link.gone or link.closing:
+                continue
+            sent = link.ping_sent
+            if sent is not None:  # a pong is awaited
+                if now - sent >= self.timeout:
+                    self._timed_out(link)
+                else:
+                    later.append((sent + self.timeout, link))
+            elif now - link.pinged_at >= self.interval:
+                self._ping(link, now)
+                later.append((now + min(self.interval, self.timeout), link))
+            else:
+                later.append((link.pinged_at + self.interval, link))
+        for when, link in later:
+            heapq.heappush(heap, (when, next(self._seq), link))
+        if heap:
+            self._arm(heap[0][0])
+
+    def _ping(self, link: WebSocketLink, now: float) -> None:
+        if link.ws.protocol.state is not OPEN:
+            return
+        link.pinged_at = link.ping_sent = now
+        stamp = struct.pack(">Q", int(time.time() * 1000))
+        # ws.ping() may wait for the write buffer to drain: a task, so it never stalls us.
+        _spawn(self._ping_one(link, stamp))
+
+    @staticmethod
+    async def _ping_one(link: WebSocketLink, stamp: bytes) -> None:
+        try:
+            pong = await link.ws.ping(stamp)
+            latency = await pong
+        except (ConnectionClosed, RuntimeError):
+            return
+        link.ping_sent = None
+        if link.peer is not None:
+            link.peer.rtt_ms = round(latency * 1000, 3)
+
+    @staticmethod
+    def _timed_out(link: WebSocketLink) -> None:
+        peer = link.peer
+        log.info("ping timeout sid=%s id=%s", peer.sid if peer else "?",
+                 peer.client_id if peer else "?")
+        link.force_close(CLOSE_PING_TIMEOUT, "ping timeout")
 
 
 def _reply(status: int, body: bytes, content_type: str, extra: dict[str, str]) -> Response:
@@ -77,6 +306,8 @@ class WebSocketTransport:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.server: Server | None = None
+        self.writer = Writer(node)
+        self.keepalive = Keepalive(node.settings.ping_interval, node.settings.ping_timeout)
 
     def _headers(self) -> dict[str, str]:
         return {"X-Prscd-MeshID": self.node.settings.mesh_id, "X-Prscd-Version": __version__}
@@ -123,42 +354,26 @@ class WebSocketTransport:
             ping_interval=None,  # our own keepalive sends the timestamp ping
             server_header=f"prscd/{__version__}",
             reuse_port=True,
+            create_connection=PeerConnection,
         )
         return [s.getsockname()[:2] for s in self.server.sockets]
 
     async def close(self) -> None:
+        self.keepalive.stop()
         if self.server is not None:
             self.server.close(close_connections=True)
             await self.server.wait_closed()
 
-    async def _keepalive(self, ws: ServerConnection, peer: Peer) -> None:
-        settings = self.node.settings
-        if not settings.ping_interval:
-            return
-        while True:
-            await asyncio.sleep(settings.ping_interval)
-            stamp = struct.pack(">Q", int(time.time() * 1000))
-            try:
-                pong = await ws.ping(stamp)
-            except ConnectionClosed:
-                return
-            try:
-                latency = await asyncio.wait_for(pong, settings.ping_timeout)
-            except TimeoutError:
-                log.info("ping timeout sid=%s id=%s", peer.sid, peer.client_id)
-                await ws.close(CLOSE_PING_TIMEOUT, "ping timeout")
-                return
-            except ConnectionClosed:
-                return
-            peer.rtt_ms = round(latency * 1000, 3)
-
     async def _handler(self, ws: ServerConnection) -> None:
         admission: Admission = ws.prscd_admission  # type: ignore[attr-defined]
-        link = WebSocketLink(ws, self.node.settings.write_buffer_limit)
-        peer = self.node.open_peer(admission, "websocket", link)
-        keepalive = asyncio.get_running_loop().create_task(self._keepalive(ws, peer))
+        link = WebSocketLink(ws, self.writer)
+        ws.prscd_link = link  # type: ignore[attr-defined]
+        peer = link.peer = self.node.open_peer(admission, "websocket", link)
+        self.keepalive.add(link)
         try:
             async for message in ws:
+                if link.closing:
+                    continue  # closed by us (slow reader, ping timeout): already offline
                 if isinstance(message, str):
                     self.node.count_drop("text_frame")
                     await ws.close(CLOSE_UNSUPPORTED, "binary frames only")
@@ -174,7 +389,9 @@ class WebSocketTransport:
         except ConnectionClosed:
             pass
         finally:
-            keepalive.cancel()
+            link.gone = True
+            if link.abort_handle is not None:
+                link.abort_handle.cancel()
             # The handshake may still be in flight: read the frames, not close_code.
             sent, rcvd = ws.protocol.close_sent, ws.protocol.close_rcvd
             if sent is not None and sent.code == 1009:

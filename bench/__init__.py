@@ -1,0 +1,1 @@
+"""Benchmarks against raw baselines (not tests): ``python -m bench``."""
