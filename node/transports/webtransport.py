@@ -93,6 +93,7 @@ class H3Protocol(QuicConnectionProtocol):
         self.terminated = False
         self._ping_handle: asyncio.TimerHandle | None = None
         self._transmit_scheduled = False
+        self._last_request = -1
         server.connections.add(self)
 
     # -- what sessions use -------------------------------------------------------
@@ -132,7 +133,10 @@ class H3Protocol(QuicConnectionProtocol):
         if self.h3 is None:
             return
         for h3_event in self.h3.handle_event(event):
-            self._h3_event(h3_event)
+            try:
+                self._h3_event(h3_event)
+            except Exception:  # a bug here must not take the UDP socket's callback down
+                log.exception("webtransport event failed: %r", type(h3_event).__name__)
         # Stream resets produce no H3 event.
         if isinstance(event, StreamReset):
             self._stream_reset(event.stream_id, event.error_code)
@@ -162,7 +166,10 @@ class H3Protocol(QuicConnectionProtocol):
             session = self.sessions.get(event.stream_id)
             if session is not None:
                 session.on_connect_data(event.data, event.stream_ended)
-        elif isinstance(event, HeadersReceived) and event.stream_id not in self.sessions:
+        elif isinstance(event, HeadersReceived) and event.stream_id > self._last_request:
+            # Request streams are opened in order: a lower id is trailers or a stream
+            # already answered (or a session already ended), never a new request.
+            self._last_request = event.stream_id
             self._request(event.stream_id, dict(event.headers))
 
     def _stream_reset(self, stream_id: int, code: int) -> None:
