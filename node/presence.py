@@ -133,7 +133,14 @@ class Presence:
         channel = self.realms[peer.app].channels[sig.c]
         out = replace(sig, p=peer.client_id, sid=peer.sid, app=peer.app, mesh=self.mesh_id)
         actions: list[Action] = [Publish(out)]
-        others = tuple(p for sid, p in channel.peers.items() if sid != peer.sid)
+        # Everyone but the sender, copied at C speed (this runs once per message).
+        members = tuple(channel.peers.values())
+        try:
+            i = members.index(peer)
+        except ValueError:
+            others = members
+        else:
+            others = members[:i] + members[i + 1:]
         if others:
             actions.insert(0, Deliver(others, protocol.encode(out)))
         return actions

@@ -75,15 +75,30 @@ def frame_header(length: int) -> bytes:
 
 
 class PeerConnection(ServerConnection):
-    """A ``ServerConnection`` whose library writes go out after the node's queued frames."""
+    """A ``ServerConnection`` whose library writes go out after the node's queued frames.
+
+    Every change of the protocol's state away from OPEN (a close frame received or
+    sent, a protocol error) is followed by ``send_data``, or ends in
+    ``connection_lost``: both tell the link, so its hot path checks one flag.
+    """
 
     prscd_link: WebSocketLink | None = None
 
     def send_data(self) -> None:
         link = self.prscd_link
-        if link is not None and link.pending is not None:
-            link.flush()
+        if link is not None:
+            if link.pending is not None:
+                link.flush()
+            if self.protocol.state is not OPEN:
+                link.closing = True
         super().send_data()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        link = self.prscd_link
+        if link is not None:
+            link.closing = True
+            link.pending = None
+        super().connection_lost(exc)
 
 
 class Writer:
@@ -127,7 +142,7 @@ class Writer:
 class WebSocketLink:
     """What the node uses to send to one WebSocket peer: never blocks, never waits."""
 
-    __slots__ = ("abort_handle", "closing", "fast", "gone", "peer", "pending", "ping_sent",
+    __slots__ = ("abort_handle", "closing", "gone", "peer", "pending", "ping_sent",
                  "pinged_at", "writer", "ws")
     transport = "websocket"
 
@@ -143,29 +158,24 @@ class WebSocketLink:
         self.pinged_at = 0.0
         self.ping_sent: float | None = None
         self.abort_handle: asyncio.TimerHandle | None = None
-        # Same bytes for every peer only without per-connection extensions (compression).
-        self.fast = not ws.protocol.extensions
 
     def send(self, frame: bytes) -> bool:
-        """Queue one binary frame; False when not sent (closed, or closing a slow reader)."""
-        ws = self.ws
-        if ws.protocol.state is not OPEN or self.closing:
+        """Queue one binary frame; False when not sent (closing or closed)."""
+        if self.closing:
             return False
-        if not self.fast:
-            ws.protocol.send_binary(frame)
-            ws.send_data()
-            self._check(ws.transport.get_write_buffer_size())
-            return True
-        wire = self.writer.wire(frame)
+        writer = self.writer
+        wire = writer._wire if frame is writer._frame else writer.wire(frame)
         pending = self.pending
         if pending is None:
             self.pending = [wire]
-            self.writer.mark(self)
+            writer.mark(self)
         else:
             pending.append(wire)
         return True
 
     def flush(self) -> None:
+        # Frames are only queued while OPEN, and whatever ends OPEN goes through
+        # send_data, which flushes them first, ahead of the close frame.
         pending, self.pending = self.pending, None
         transport = self.ws.transport
         if not pending or transport.is_closing():
@@ -203,6 +213,21 @@ class WebSocketLink:
             # Gone for everyone now, not when the socket finally dies.
             why = f"close code={code} reason={reason!r}"
             _spawn(self.writer.node.close_peer(self.peer, why))
+
+
+class CompressedLink(WebSocketLink):
+    """permessage-deflate: each connection has its own compressor, so no shared bytes."""
+
+    __slots__ = ()
+
+    def send(self, frame: bytes) -> bool:
+        if self.closing:
+            return False
+        ws = self.ws
+        ws.protocol.send_binary(frame)
+        ws.send_data()  # (writes what is queued first)
+        self._check(ws.transport.get_write_buffer_size())
+        return True
 
 
 class Keepalive:
@@ -366,7 +391,7 @@ class WebSocketTransport:
 
     async def _handler(self, ws: ServerConnection) -> None:
         admission: Admission = ws.prscd_admission  # type: ignore[attr-defined]
-        link = WebSocketLink(ws, self.writer)
+        link = (CompressedLink if ws.protocol.extensions else WebSocketLink)(ws, self.writer)
         ws.prscd_link = link  # type: ignore[attr-defined]
         peer = link.peer = self.node.open_peer(admission, "websocket", link)
         self.keepalive.add(link)
