@@ -170,6 +170,10 @@ class Node:
                 await self.source.publish(action.sig)
             elif isinstance(action, Interest):
                 self.stream_function.interest(action.app, action.channel, action.active)
+                if action.active:
+                    # The bus has our interest before the joiner gets its ack, so the
+                    # answers to its peer_online from other nodes cannot miss us.
+                    await self.stream_function.settled()
 
     def _on_mesh_event(self, event: MeshEvent) -> None:
         if event.tag == TAG_PEER:
