@@ -144,7 +144,7 @@ def decode(frame: bytes, *, max_channel_bytes: int = MAX_CHANNEL_BYTES) -> Signa
             raise ProtocolError("data pl must be a map with a string 'event'")
         return Signalling(t=DATA, c=c, pl=pl)
 
-    if op not in CONTROL_OPS:
+    if not isinstance(op, str) or op not in CONTROL_OPS:
         raise ProtocolError(f"unknown control op {str(op)[:32]!r}")
     if op in (CHANNEL_JOIN, PEER_STATE):
         if pl is None:
