@@ -127,6 +127,8 @@ class Settings:
     wt_idle_timeout: float = 10.0
     wt_ping_interval: float = 4.0
     write_buffer_limit: int = 1024 * 1024
+    #: Forward an unchanged peer_state only to members that lack it (node/presence.py).
+    dedupe_peer_state: bool = True
     pid_file: str = ""
     drain_seconds: float = 0.0
     #: Everything else read from the environment, for the adapters that need it
@@ -212,6 +214,7 @@ class Settings:
             wt_idle_timeout=_number(env, "WT_IDLE_TIMEOUT", 10.0),
             wt_ping_interval=_number(env, "WT_PING_INTERVAL", 4.0),
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
+            dedupe_peer_state=_bool(env, "DEDUPE_PEER_STATE", True),
             pid_file=env.get("PID_FILE", "").strip(),
             drain_seconds=_number(env, "DRAIN_SECONDS", 0.0),
             extra={},

@@ -60,12 +60,20 @@ class Interest:
 Action = Deliver | Publish | Interest
 
 
+#: Who sent a ``peer_state``: a local sid, or (node id, sid) for a member on another node.
+StateKey = str | tuple[str, str]
+
+
 @dataclass(slots=True)
 class Channel:
     name: str
     peers: dict[str, Peer] = field(default_factory=dict)
     #: (node id, sid) -> client id of members on other nodes, learned from the mesh.
     remote: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: peer_state dedupe: the last ``pl`` each member forwarded, and the local sids still
+    #: waiting for it (they joined or re-announced since). Empty sets in steady state.
+    last_state: dict[StateKey, bytes] = field(default_factory=dict)
+    waiting: dict[StateKey, set[str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -75,10 +83,25 @@ class Realm:
 
 
 class Presence:
-    """All realms of one node. Call it from one thread (the event loop)."""
+    """All realms of one node. Call it from one thread (the event loop).
 
-    def __init__(self, mesh_id: str) -> None:
+    With ``dedupe_state``, a ``peer_state`` whose ``pl`` is the same as the one its
+    sender forwarded last goes only to the members that have not seen it since they
+    joined or sent ``peer_online``, instead of to the whole channel. The real client
+    answers every ``peer_online`` with its (unchanged) state to the whole channel, so
+    a channel of N peers joining at once costs N^3/2 deliveries without this and about
+    2N^2 with it; every member still ends up with every other member's latest state:
+
+    * a changed state goes to everyone;
+    * ``peer_online`` from X makes every client reset X to ``{id}``, so X's next state
+      goes to everyone; and X itself (re-joining, or asked to resync) waits for
+      everybody's state again, as does a peer that joins;
+    * leaving, disconnecting, a remote offline or a dead node forget the sender.
+    """
+
+    def __init__(self, mesh_id: str, *, dedupe_state: bool = False) -> None:
         self.mesh_id = mesh_id
+        self.dedupe_state = dedupe_state
         self.realms: dict[str, Realm] = {}
         self.peers: dict[str, Peer] = {}
         #: Why frames were dropped, by reason. Adapters add their own reasons.
@@ -98,6 +121,14 @@ class Presence:
         if sig.c not in peer.channels:
             self.dropped["not_joined"] += 1
             return []
+        if self.dedupe_state and sig.op is not None:
+            channel = self.realms[peer.app].channels[sig.c]
+            if sig.op == protocol.PEER_ONLINE:
+                _forget_sender(channel, peer.sid)
+                _wants_states(channel, peer.sid)
+            elif sig.op == protocol.PEER_STATE:
+                assert sig.pl is not None  # protocol.decode guarantees it
+                return self._forward(peer, sig, _state_targets(channel, peer.sid, sig.pl))
         actions = self._forward(peer, sig)
         if sig.op == protocol.PEER_OFFLINE:
             actions.extend(self._remove(peer, sig.c))
@@ -124,23 +155,33 @@ class Presence:
             actions.append(Interest(peer.app, name, True))
         channel.peers[peer.sid] = peer
         peer.channels.add(name)
+        if self.dedupe_state:
+            _wants_states(channel, peer.sid)  # a new Channel object on the client: empty
         # Re-joining is harmless: the client makes a new Channel object and waits
         # for an ack again.
         actions.append(Deliver((peer,), protocol.encode_join_ack(name, self.mesh_id)))
         return actions
 
-    def _forward(self, peer: Peer, sig: Signalling) -> list[Action]:
+    def _forward(self, peer: Peer, sig: Signalling,
+                 only: set[str] | None = None) -> list[Action]:
+        """Publish ``sig`` and deliver it to the channel's other local peers (or to
+        those of them whose sid is in ``only``)."""
         channel = self.realms[peer.app].channels[sig.c]
         out = replace(sig, p=peer.client_id, sid=peer.sid, app=peer.app, mesh=self.mesh_id)
         actions: list[Action] = [Publish(out)]
-        # Everyone but the sender, copied at C speed (this runs once per message).
-        members = tuple(channel.peers.values())
-        try:
-            i = members.index(peer)
-        except ValueError:
-            others = members
+        if only is not None:  # usually a few sids: look them up, do not scan the channel
+            peers = channel.peers
+            others = tuple(p for sid in only
+                           if sid != peer.sid and (p := peers.get(sid)) is not None)
         else:
-            others = members[:i] + members[i + 1:]
+            # Everyone but the sender, copied at C speed (this runs once per message).
+            members = tuple(channel.peers.values())
+            try:
+                i = members.index(peer)
+            except ValueError:
+                others = members
+            else:
+                others = members[:i] + members[i + 1:]
         if others:
             actions.insert(0, Deliver(others, protocol.encode(out)))
         return actions
@@ -151,6 +192,10 @@ class Presence:
         if realm is None or (channel := realm.channels.get(name)) is None:
             return []
         channel.peers.pop(peer.sid, None)
+        if channel.last_state or channel.waiting:
+            _forget_sender(channel, peer.sid)
+            for waiting in channel.waiting.values():
+                waiting.discard(peer.sid)
         return self._free_if_empty(realm, channel)
 
     def _free_if_empty(self, realm: Realm, channel: Channel) -> list[Action]:
@@ -171,14 +216,24 @@ class Presence:
         if channel is None:
             self.dropped["no_local_channel"] += 1
             return []
+        targets: set[str] | None = None
         if sig.sid is not None and sig.p is not None:
             key = (node, sig.sid)
             if sig.op == protocol.PEER_OFFLINE:
                 channel.remote.pop(key, None)
+                _forget_sender(channel, key)
             else:
                 channel.remote[key] = sig.p
+                if self.dedupe_state and sig.op == protocol.PEER_ONLINE:
+                    _forget_sender(channel, key)
+                elif self.dedupe_state and sig.op == protocol.PEER_STATE and sig.pl is not None:
+                    targets = _state_targets(channel, key, sig.pl)
         if not channel.peers:
             return []
+        if targets is not None:
+            members = channel.peers
+            peers = tuple(p for sid in targets if (p := members.get(sid)) is not None)
+            return [Deliver(peers, protocol.encode(sig))] if peers else []
         return [Deliver(tuple(channel.peers.values()), protocol.encode(sig))]
 
     def node_down(self, node: str) -> list[Action]:
@@ -189,6 +244,7 @@ class Presence:
                 gone = [key for key in channel.remote if key[0] == node]
                 for key in gone:
                     client_id = channel.remote.pop(key)
+                    _forget_sender(channel, key)
                     offline = Signalling(
                         t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=channel.name, p=client_id
                     )
@@ -222,6 +278,31 @@ class Presence:
             }
             for app, realm in self.realms.items()
         }
+
+
+# -- peer_state dedupe (see Presence) ----------------------------------------------------
+
+
+def _state_targets(channel: Channel, sender: StateKey, pl: bytes) -> set[str] | None:
+    """Local sids a ``peer_state`` must reach; None = everyone (the state changed)."""
+    waiting = channel.waiting.pop(sender, None)
+    if channel.last_state.get(sender) == pl:
+        return waiting or set()
+    channel.last_state[sender] = pl
+    return None
+
+
+def _forget_sender(channel: Channel, sender: StateKey) -> None:
+    """Clients dropped (or reset) what they knew of ``sender``: its next state is news."""
+    channel.last_state.pop(sender, None)
+    channel.waiting.pop(sender, None)
+
+
+def _wants_states(channel: Channel, sid: str) -> None:
+    """Local peer ``sid`` lists nobody yet: it waits for every member's current state."""
+    for sender in channel.last_state:
+        if sender != sid:
+            channel.waiting.setdefault(sender, set()).add(sid)
 
 
 def local_peers(actions: Iterable[Action]) -> list[Peer]:

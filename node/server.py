@@ -72,7 +72,7 @@ class Node:
         self.settings = settings
         self.cert = cert
         self.node_id = new_node_id(settings.mesh_id)
-        self.presence = Presence(settings.mesh_id)
+        self.presence = Presence(settings.mesh_id, dedupe_state=settings.dedupe_peer_state)
         self.auth = Auth(dict(settings.public_keys), settings.default_app,
                          open_mode=not settings.keys_configured)
         self.bus = bus or make_bus(settings)
