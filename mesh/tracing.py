@@ -14,10 +14,12 @@ process export as two services instances.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
@@ -36,7 +38,12 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+if TYPE_CHECKING:
+    from node.config import Settings
+
 log = logging.getLogger("prscd.tracing")
+
+SERVER, PRODUCER, CONSUMER = SpanKind.SERVER, SpanKind.PRODUCER, SpanKind.CONSUMER
 
 LEGACY_PORT = 14268
 OTLP_HTTP_PORT = 4318
@@ -110,7 +117,7 @@ class Tracing:
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=5)
+            exporter = OTLPSpanExporter(endpoint=endpoint, timeout=2)
         processor = BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
         self.provider.add_span_processor(processor)
         self._tracer = self.provider.get_tracer("prscd")
@@ -147,3 +154,36 @@ class Tracing:
     def shutdown(self) -> None:
         if self.provider is not None:
             self.provider.shutdown()
+
+    async def aclose(self, timeout_s: float = 2.0) -> None:
+        """Export what is buffered, waiting at most ``timeout_s``: an unreachable collector
+        must not hold up a node's exit (a daemon thread is abandoned, not joined)."""
+        if self.provider is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def run() -> None:
+            try:
+                self.shutdown()
+            finally:
+                loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=run, name="prscd-trace-flush", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("trace export did not finish within %.1f s: spans dropped", timeout_s)
+
+
+def make_tracing(settings: Settings, node_id: str, exporter: SpanExporter | None = None) -> Tracing:
+    """Tracing for a node from its settings; logs where spans go (or that they don't)."""
+    endpoint, note = resolve_endpoint(settings.jaeger_endpoint, settings.extra)
+    if note:
+        log.warning("%s", note)
+    tracing = Tracing(node_id=node_id, mesh_id=settings.mesh_id, endpoint=endpoint,
+                      extra=settings.extra, exporter=exporter)
+    if tracing.enabled:
+        log.info("tracing on endpoint=%s sampler=%s", endpoint or "(in-process exporter)",
+                 settings.extra.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"))
+    return tracing

@@ -19,9 +19,10 @@ from http import HTTPStatus
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction, new_node_id
+from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction, event_subject, new_node_id
 from mesh.bus import Bus, EmbeddedBus
 from mesh.liveness import Liveness
+from mesh.tracing import CONSUMER, PRODUCER, SERVER, Tracing, make_tracing
 from node import __version__, protocol
 from node.auth import Auth, AuthError
 from node.config import Settings
@@ -68,10 +69,12 @@ def make_bus(settings: Settings) -> Bus:
 
 class Node:
     def __init__(self, settings: Settings, cert: CertInfo | None = None,
-                 bus: Bus | None = None) -> None:
+                 bus: Bus | None = None, span_exporter: Any = None) -> None:
         self.settings = settings
         self.cert = cert
         self.node_id = new_node_id(settings.mesh_id)
+        #: ``tracing.enabled`` False (no endpoint) = one attribute check per frame, no spans.
+        self.tracing: Tracing = make_tracing(settings, self.node_id, span_exporter)
         self.presence = Presence(settings.mesh_id, dedupe_state=settings.dedupe_peer_state)
         self.auth = Auth(dict(settings.public_keys), settings.default_app,
                          open_mode=not settings.keys_configured)
@@ -138,13 +141,20 @@ class Node:
         if self.settings.debug:
             log.debug("frame sid=%s id=%s t=%s op=%s c=%r bytes=%d",
                       peer.sid, peer.client_id, sig.t, sig.op, sig.c, len(frame))
+        if self.tracing.enabled:
+            await self._receive_traced(peer, sig, len(frame))
+            return
         await self._execute(self.presence.handle(peer, sig))
 
     async def close_peer(self, peer: Peer, why: str = "") -> None:
         if peer.sid not in self.presence.peers:
             return
         channels = len(peer.channels)
-        await self._execute(self.presence.disconnect(peer))
+        if self.tracing.enabled:
+            with self.tracing.span("prscd.disconnect", SERVER, self._peer_attrs(peer)):
+                await self._execute(self.presence.disconnect(peer))
+        else:
+            await self._execute(self.presence.disconnect(peer))
         log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id, channels, why)
 
     def count_drop(self, reason: str, n: int = 1) -> None:
@@ -167,7 +177,10 @@ class Node:
             if isinstance(action, Deliver):
                 self._deliver(action)
             elif isinstance(action, Publish):
-                await self.source.publish(action.sig)
+                if self.tracing.enabled:
+                    await self._publish_traced(action)
+                else:
+                    await self.source.publish(action.sig)
             elif isinstance(action, Interest):
                 self.stream_function.interest(action.app, action.channel, action.active)
                 if action.active:
@@ -178,15 +191,65 @@ class Node:
     def _on_mesh_event(self, event: MeshEvent) -> None:
         if event.tag == TAG_PEER:
             self.liveness.seen(event.node)
+        if self.tracing.enabled:
+            self._dispatch_traced(event)
+            return
         for action in self.presence.dispatch_remote(event.sig, event.node):
             if isinstance(action, Deliver):
                 self._deliver(action)
 
     def _on_node_down(self, node: str, why: str) -> None:
         """Another node died or left: its members go offline for our peers."""
-        for action in self.presence.node_down(node):
-            if isinstance(action, Deliver):
-                self._deliver(action)
+        with self.tracing.span("liveness.node_down", attributes={
+                "prscd.dead_node_id": node, "prscd.reason": why}) as span:
+            actions = self.presence.node_down(node)
+            for action in actions:
+                if isinstance(action, Deliver):
+                    self._deliver(action)
+            span.set_attribute("prscd.delivered", _count(actions))
+
+    # -- tracing: one trace per message, across nodes (mesh/tracing.py) ------
+
+    def _peer_attrs(self, peer: Peer) -> dict[str, Any]:
+        return {"prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
+                "prscd.peer.sid": peer.sid, "prscd.app": peer.app}
+
+    async def _receive_traced(self, peer: Peer, sig: protocol.Signalling, size: int) -> None:
+        attrs = {**self._peer_attrs(peer), "prscd.channel": sig.c,
+                 "prscd.op": sig.op or sig.t, "prscd.bytes": size}
+        with self.tracing.span("prscd.receive", SERVER, attrs):
+            with self.tracing.span("presence.handle", attributes=attrs) as span:
+                actions = self.presence.handle(peer, sig)
+                span.set_attribute("prscd.delivered", _count(actions))
+            await self._execute(actions)
+
+    async def _publish_traced(self, action: Publish) -> None:
+        sig = action.sig
+        subject = event_subject(sig.app or "", sig.c, TAG_PEER, self.settings.mesh_id,
+                                self.node_id)
+        attrs = {"messaging.system": "nats" if self.bus.kind == "nats" else self.bus.kind,
+                 "messaging.destination.name": subject, "messaging.operation": "publish",
+                 "prscd.app": sig.app, "prscd.channel": sig.c, "prscd.op": sig.op or sig.t,
+                 "prscd.peer.id": sig.p, "prscd.source": self.source.name}
+        with self.tracing.span("source.publish", PRODUCER, attrs):
+            await self.source.publish(sig, headers=self.tracing.inject())
+
+    def _dispatch_traced(self, event: MeshEvent) -> None:
+        sig = event.sig
+        attrs = {"messaging.system": self.bus.kind, "messaging.operation": "receive",
+                 "messaging.destination.name": event.message.subject,
+                 "prscd.origin.mesh_id": sig.mesh, "prscd.origin.node_id": event.node,
+                 "prscd.tag": event.tag, "prscd.app": sig.app, "prscd.channel": sig.c,
+                 "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p,
+                 "prscd.stream_function": self.stream_function.name}
+        parent = self.tracing.extract(event.message.headers)
+        with (self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent),
+              self.tracing.span("presence.dispatch", attributes=attrs) as span):
+            actions = self.presence.dispatch_remote(sig, event.node)
+            for action in actions:
+                if isinstance(action, Deliver):
+                    self._deliver(action)
+            span.set_attribute("prscd.delivered", _count(actions))
 
     def _schedule_resync(self, why: str) -> None:
         if self._resync is None:
@@ -303,7 +366,13 @@ class Node:
         await self.liveness.stop()
         await self.stream_function.close()
         await self.bus.close()
+        await self.tracing.aclose()
         log.info("node stopped node_id=%s", self.node_id)
+
+
+def _count(actions: list[Any]) -> int:
+    """Peers the actions deliver to (a span attribute)."""
+    return sum(len(a.peers) for a in actions if isinstance(a, Deliver))
 
 
 def _rss_kib() -> int:

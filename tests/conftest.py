@@ -66,12 +66,12 @@ async def node_factory(dev_cert: CertInfo, tmp_path: Path) -> AsyncIterator[Node
     """
     started: list[Node] = []
 
-    async def start(**env: Any) -> RunningNode:
+    async def start(span_exporter: Any = None, **env: Any) -> RunningNode:
         base = {"PORT": "0", "HOST": "127.0.0.1", "PING_INTERVAL": "10",
                 "PID_FILE": str(tmp_path / "prscd.pid"), "CERT_CACHE_DIR": str(tmp_path)}
         base.update({k: str(v) for k, v in env.items()})
         settings = Settings.from_env(base)
-        node = Node(settings, dev_cert if settings.tls else None)
+        node = Node(settings, dev_cert if settings.tls else None, span_exporter=span_exporter)
         await node.start()
         started.append(node)
         return RunningNode(node)

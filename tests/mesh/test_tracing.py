@@ -1,0 +1,177 @@
+"""One broadcast, one trace, across two regions: in-memory spans and a real OTLP/HTTP export."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import msgpack
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from tests.conftest import NodeFactory, RunningNode
+from tests.helpers import data_frame, joined, recv
+from tests.mesh_helpers import NatsServer, wait_until
+
+
+async def two_regions(node_factory: NodeFactory, nats: NatsServer,
+                      **kw: Any) -> tuple[RunningNode, RunningNode]:
+    eu = await node_factory(MESH_ID="eu-west", NATS_URL=nats.url, **kw.get("eu", {}))
+    us = await node_factory(MESH_ID="us-east", NATS_URL=nats.url, **kw.get("us", {}))
+    await wait_until(lambda: eu.node.liveness.nodes and us.node.liveness.nodes, 5, "heartbeats")
+    return eu, us
+
+
+async def broadcast_across(eu: RunningNode, us: RunningNode) -> None:
+    alice = await joined(eu, "room", "alice")
+    bob = await joined(us, "room", "bob")
+    await alice.send(data_frame("room", "mouse", '{"x":1}'))
+    got = await recv(bob)
+    assert got["p"] == "alice" and msgpack.unpackb(got["pl"])["event"] == "mouse"
+    await alice.close()
+    await bob.close()
+
+
+def by_name(spans: list[ReadableSpan], name: str, **attrs: Any) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name
+            and all((s.attributes or {}).get(k) == v for k, v in attrs.items())]
+
+
+async def test_span_tree_of_one_cross_region_broadcast(node_factory: NodeFactory,
+                                                       nats_server: NatsServer) -> None:
+    exp_eu, exp_us = InMemorySpanExporter(), InMemorySpanExporter()
+    eu, us = await two_regions(node_factory, nats_server,
+                               eu={"span_exporter": exp_eu}, us={"span_exporter": exp_us})
+    await broadcast_across(eu, us)
+    eu.node.tracing.flush()
+    us.node.tracing.flush()
+    eu_spans, us_spans = list(exp_eu.get_finished_spans()), list(exp_us.get_finished_spans())
+
+    # Origin node: transport receive -> presence handling + Source publish (PRODUCER).
+    [receive] = by_name(eu_spans, "prscd.receive", **{"prscd.op": "data"})
+    assert receive.kind == SpanKind.SERVER and receive.parent is None
+    assert receive.attributes["prscd.transport"] == "websocket"
+    assert receive.attributes["prscd.peer.id"] == "alice"
+    assert receive.attributes["prscd.channel"] == "room"
+    trace_id = receive.context.trace_id
+    in_trace = [s for s in eu_spans if s.context.trace_id == trace_id]
+    [handle] = by_name(in_trace, "presence.handle")
+    [publish] = by_name(in_trace, "source.publish")
+    assert handle.parent.span_id == receive.context.span_id
+    assert handle.attributes["prscd.delivered"] == 0  # nobody else on the origin node
+    assert publish.kind == SpanKind.PRODUCER and publish.parent.span_id == receive.context.span_id
+    subject = publish.attributes["messaging.destination.name"]
+    assert subject.startswith("prscd.default.room.20.eu-west.")
+    assert publish.attributes["messaging.system"] == "nats"
+
+    # Remote node: Stream Function receive (CONSUMER, parent from the NATS headers) -> dispatch.
+    remote = [s for s in us_spans if s.context.trace_id == trace_id]
+    [consume] = by_name(remote, "stream_function.receive")
+    [dispatch] = by_name(remote, "presence.dispatch")
+    assert consume.kind == SpanKind.CONSUMER
+    assert consume.parent.span_id == publish.context.span_id and consume.parent.is_remote
+    assert consume.attributes["prscd.origin.mesh_id"] == "eu-west"
+    assert consume.attributes["prscd.origin.node_id"] == eu.node.node_id
+    assert consume.attributes["messaging.destination.name"] == subject
+    assert dispatch.parent.span_id == consume.context.span_id
+    assert dispatch.attributes["prscd.delivered"] == 1
+
+    # Every span says where it ran.
+    for spans, node, region in ((in_trace, eu, "eu-west"), (remote, us, "us-east")):
+        for span in spans:
+            assert span.resource.attributes["service.name"] == "prscd"
+            assert span.resource.attributes["service.instance.id"] == node.node.node_id
+            assert span.resource.attributes["cloud.region"] == region
+            assert span.attributes["prscd.node_id"] == node.node.node_id
+
+    # Joins and disconnects are traced too.
+    assert by_name(eu_spans, "prscd.receive", **{"prscd.op": "channel_join"})
+    assert by_name(eu_spans, "prscd.disconnect")
+
+
+class Collector:
+    """A local OTLP/HTTP receiver: what Jaeger would get, decoded with opentelemetry-proto."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                collector.requests.append(request)
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list[tuple[str, Any]]:
+        """(service.instance.id, span) for every exported span."""
+        out = []
+        for request in self.requests:
+            for rs in request.resource_spans:
+                attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    out.extend((attrs["service.instance.id"], span) for span in ss.spans)
+        return out
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    c = Collector()
+    yield c
+    c.server.shutdown()
+
+
+async def test_real_otlp_export_from_two_nodes_joins_one_trace(
+        collector: Collector, node_factory: NodeFactory, nats_server: NatsServer) -> None:
+    # (collector first: it must outlive the nodes, which flush to it when they stop)
+    endpoint = {"YOMO_TRACE_JAEGER_ENDPOINT": f"http://127.0.0.1:{collector.port}/v1/traces"}
+    eu, us = await two_regions(node_factory, nats_server, eu=endpoint, us=endpoint)
+    await broadcast_across(eu, us)
+    for node in (eu, us):
+        node.node.tracing.flush()
+    spans = collector.spans()
+    [(_, publish)] = [(n, s) for n, s in spans if s.name == "source.publish"
+                      and any(a.key == "prscd.op" and a.value.string_value == "data"
+                              for a in s.attributes)]
+    trace = [(n, s) for n, s in spans if s.trace_id == publish.trace_id]
+    assert {n for n, _ in trace} == {eu.node.node_id, us.node.node_id}
+    [(node, consume)] = [(n, s) for n, s in trace if s.name == "stream_function.receive"]
+    assert node == us.node.node_id
+    assert consume.parent_span_id == publish.span_id
+    [(_, receive)] = [(n, s) for n, s in trace if s.name == "prscd.receive"]
+    assert receive.parent_span_id == b"" and publish.parent_span_id == receive.span_id
+
+
+async def test_legacy_jaeger_endpoint_is_mapped_with_one_log_line(
+        node_factory: NodeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="prscd.tracing")
+    node = await node_factory(YOMO_TRACE_JAEGER_ENDPOINT="http://127.0.0.1:14268/api/traces",
+                              OTEL_BSP_SCHEDULE_DELAY="60000")
+    assert node.node.tracing.enabled
+    assert node.node.tracing.endpoint == "http://127.0.0.1:4318/v1/traces"
+    notes = [r.getMessage() for r in caplog.records if "legacy" in r.getMessage()]
+    assert len(notes) == 1 and "http://127.0.0.1:4318/v1/traces" in notes[0]
+
+
+async def test_no_endpoint_no_tracing(node: RunningNode) -> None:
+    assert not node.node.tracing.enabled and node.node.tracing.provider is None
