@@ -170,7 +170,8 @@ class Liveness:
         info.url = str(body.get("url", ""))
         info.peers = int(body.get("peers", 0) or 0)
         info.channels = int(body.get("channels", 0) or 0)
-        info.info = {k: body[k] for k in ("seq", "interval", "timeout", "version") if k in body}
+        info.info = {k: body[k] for k in ("seq", "interval", "timeout", "version", "ready")
+                     if k in body}
 
     def seen(self, node: str) -> None:
         """An event from ``node`` crossed the bus: it is alive."""
@@ -255,7 +256,8 @@ class Liveness:
               "self": True, **self.stats()}
         others = [
             {"node": i.node, "mesh": i.mesh, "url": i.url, "peers": i.peers,
-             "channels": i.channels, "age_s": round(now - i.last_seen, 2)}
+             "channels": i.channels, "ready": bool(i.info.get("ready", True)),
+             "age_s": round(now - i.last_seen, 2)}
             for i in sorted(self.nodes.values(), key=lambda i: (i.mesh, i.node))
         ]
         return [me, *others]

@@ -76,6 +76,10 @@ def route(node: Node, path: str) -> HttpReply:
                 "generated": info.generated,
             },
         )
+    if path == "/v1/nodes":
+        # The node directory an edge function reads to send a user to a healthy region.
+        nodes = node.liveness.directory()
+        return json_reply(HTTPStatus.OK, {"mesh_id": node.settings.mesh_id, "nodes": nodes})
     if path == "/metrics":
         return HttpReply(HTTPStatus.OK, node.metrics_text().encode(), "text/plain; version=0.0.4")
     if path in STATIC_PAGES:

@@ -88,7 +88,8 @@ class Node:
             interval=settings.heartbeat_interval, timeout=settings.node_timeout,
             public_url=settings.public_url,
             stats=lambda: {"peers": len(self.presence.peers),
-                           "channels": self.presence.channel_count()},
+                           "channels": self.presence.channel_count(),
+                           "ready": self.readiness()[0], "version": __version__},
             on_down=self._on_node_down, on_resync=self._schedule_resync,
         )
         self._resync: asyncio.TimerHandle | None = None
