@@ -158,3 +158,34 @@ def test_certs_service_makes_the_files_the_nodes_load() -> None:
     for region in REGIONS:
         env = env_of(f"prscd-{region}")
         assert env["CERT_FILE"] == "/certs/dev-cert.pem" and env["KEY_FILE"] == "/certs/dev-key.pem"
+
+
+class _AnyTagLoader(yaml.SafeLoader):
+    """CloudFormation's !Ref and friends, read as plain values."""
+
+
+_AnyTagLoader.add_multi_constructor(
+    "!", lambda loader, suffix, node: loader.construct_scalar(node)
+    if isinstance(node, yaml.ScalarNode) else None)
+
+
+def test_edge_examples_health_check_ready_every_10s_3_times() -> None:
+    edge = ROOT / "infra" / "edge"
+    ga = yaml.load((edge / "aws-global-accelerator.yaml").read_text(), Loader=_AnyTagLoader)
+    groups = [r["Properties"] for r in ga["Resources"].values()
+              if r["Type"] == "AWS::GlobalAccelerator::EndpointGroup"]
+    assert groups and all(g["HealthCheckPath"] == "/ready" and g["HealthCheckProtocol"] == "HTTPS"
+                          and g["HealthCheckIntervalSeconds"] == 10 and g["ThresholdCount"] == 3
+                          for g in groups)
+    listeners = {r["Properties"]["Protocol"] for r in ga["Resources"].values()
+                 if r["Type"] == "AWS::GlobalAccelerator::Listener"}
+    assert listeners == {"TCP", "UDP"}  # WebSocket and WebTransport on one port
+    r53 = json.loads((edge / "route53-geolocation.json").read_text())
+    for check in r53["HealthChecks"]:
+        cfg = check["HealthCheckConfig"]
+        assert (cfg["ResourcePath"], cfg["RequestInterval"], cfg["FailureThreshold"]) == (
+            "/ready", 10, 3)
+    tm = json.loads((edge / "azure-traffic-manager.json").read_text())["properties"]["monitorConfig"]
+    assert (tm["path"], tm["intervalInSeconds"], tm["toleratedNumberOfFailures"]) == ("/ready", 10, 3)
+    # The drain must outlast the balancer's 30 s to notice; the docs say so.
+    assert "DRAIN_SECONDS` above that (40)" in (edge / "README.md").read_text()
