@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,22 +17,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.helpers import data_frame, insecure, join_frame, recv
+from tests.mesh_helpers import free_port
 from tests.test_websocket import get
 
 PRSCD = [sys.executable, "-m", "node"]
-
-
-def free_port() -> int:
-    """A port free on both TCP and UDP (WebTransport shares the number)."""
-    while True:
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 class Proc:
