@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import ssl as _ssl
 import struct
 from collections.abc import Callable
@@ -191,6 +192,9 @@ class WSPeer(asyncio.Protocol):
     def stop_reading(self) -> None:
         """Never read again: the server's writes pile up (a slow reader)."""
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a small window: the backlog piles up at the server
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
             self.transport.pause_reading()
             self.paused_reading = True
 

@@ -1,0 +1,226 @@
+"""Run the benchmarks: ``.venv/bin/python -m bench [--quick] [--only NAMES] [--out DIR]``.
+
+Every benchmark compares the node with a raw baseline measured in the same run (the
+machine is shared and noisy: ratios from one run mean something, absolute numbers
+from different runs do not). Servers and load generators run in separate processes
+on loopback. Results go to ``DIR/results.json`` and ``DIR/results.md`` (default
+``bench/results/``), server logs to ``DIR/logs/``.
+
+Benchmarks (``--only`` takes a comma-separated list):
+
+- ``fanout``:   1,000 peers in one channel, one sender of 64-byte messages; prscd vs a
+  minimal ``websockets.broadcast`` server, TLS off for both (``--tls`` adds a TLS pair)
+- ``capacity``: 10,000 idle peers; RSS per peer, prscd vs a raw ``websockets`` server
+- ``slow``:     1,000 peers of which 10 never read; the others' rate and the node's RSS
+- ``storm``:    500 peers join one channel like the real client; time until everyone
+  lists everyone (``--storm-plain`` adds the same storm with DEDUPE_PEER_STATE=false)
+- ``latency``:  two nodes on one nats-server; same-node and cross-node p50/p99 vs raw
+  nats-py pub->sub
+- ``tracing``:  fan-out with tracing on vs off (skipped while the node exports no spans)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ROOT
+
+ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing")
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    return {
+        "cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+        "python": platform.python_version(), "websockets": version("websockets"),
+        "uvloop": version("uvloop"), "msgpack": version("msgpack"),
+        "load_avg_start": os.getloadavg(),
+    }
+
+
+def run(names: list[str], out: Path, *, quick: bool, tls: bool,
+        storm_plain: bool) -> dict[str, Any]:
+    from bench import capacity, fanout, joinstorm, latency, slow, tracing_overhead
+
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine(), "quick": quick,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    plans: dict[str, Any] = {
+        "fanout": lambda: fanout.run(logs, **({"peers": 200, "rounds": 1, "duration": 1.5,
+                                              "warmup": 0.5} if quick else {})),
+        "fanout_tls": lambda: fanout.run(logs, tls=True, **(
+            {"peers": 200, "rounds": 1, "duration": 1.5, "warmup": 0.5} if quick else {})),
+        "capacity": lambda: capacity.run(logs, **({"peers": 1000, "settle": 1.0}
+                                                  if quick else {})),
+        "slow": lambda: slow.run(logs, **({"peers": 200, "slow": 2, "duration": 4.0,
+                                           "rounds": 1, "write_buffer_limit": 65536}
+                                          if quick else {})),
+        "storm": lambda: joinstorm.run(logs, **({"peers": 100} if quick else {})),
+        "storm_plain": lambda: joinstorm.run(logs, env={"DEDUPE_PEER_STATE": "false"},
+                                             timeout=300, **({"peers": 100} if quick else {})),
+        "latency": lambda: latency.run(logs, **({"count": 300, "warmup": 30}
+                                                if quick else {})),
+        "tracing": lambda: tracing_overhead.run(logs, **({"peers": 200, "rounds": 1,
+                                                          "duration": 1.5} if quick else {})),
+    }
+    todo = list(names)
+    if tls and "fanout" in todo:
+        todo.insert(todo.index("fanout") + 1, "fanout_tls")
+    if storm_plain and "storm" in todo:
+        todo.insert(todo.index("storm") + 1, "storm_plain")
+    for name in todo:
+        t0 = time.monotonic()
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            results[name] = plans[name]()
+        except Exception as exc:  # one broken benchmark must not lose the others
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[name]["wall_s"] = round(time.monotonic() - t0, 1)
+        print(f"bench: {name} done in {results[name]['wall_s']} s", file=sys.stderr,
+              flush=True)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    return results
+
+
+# -- the Markdown table ---------------------------------------------------------------------
+
+
+def _n(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
+        f"websockets {m['websockets']}, uvloop {m['uvloop']}; load average "
+        f"{m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end "
+        f"(shared machine: compare the ratios, not the absolute numbers).",
+        "",
+        "| benchmark | prscd | baseline (same run) | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+
+    def row(name: str, node: str, base: str, ratio: str, target: str) -> None:
+        lines.append(f"| {name} | {node} | {base} | {ratio} | {target} |")
+
+    def skipped(name: str, res: dict[str, Any]) -> bool:
+        why = res.get("skipped") or res.get("error")
+        if why:
+            row(name, "skipped" if "skipped" in res else "error", why, "-", "-")
+        return bool(why)
+
+    for key, label in (("fanout", "fan-out, TLS off"), ("fanout_tls", "fan-out, TLS on")):
+        f = r.get(key)
+        if f is None or skipped(label, f):
+            continue
+        ok = "met" if f["ratio"] >= 1.0 else "MISSED"
+        row(f"{label}: deliveries/s ({f['peers']} peers, {f['message_bytes']} B, "
+            f"median of {f['rounds']})",
+            _n(f["prscd_deliveries_per_s"]), f"{_n(f['raw_deliveries_per_s'])} "
+            "(`websockets.broadcast`)", f"**{f['ratio']:.2f}x**", f">= 1.0x ({ok})")
+        row(f"{label}: server CPU s per 100k deliveries", _n(f["prscd_cpu_s_per_100k"], 3),
+            _n(f["raw_cpu_s_per_100k"], 3), f"{f['cpu_ratio']:.1f}x less CPU", "-")
+    c = r.get("capacity")
+    if c is not None and not skipped("capacity", c):
+        node, raw = c["prscd_kib_per_peer"], c["raw_kib_per_peer"]
+        ok = "met" if node is not None and node <= 20 else "MISSED"
+        row(f"capacity: RSS per idle peer ({c['prscd']['peers']:,} peers)",
+            f"{node:.1f} KiB", f"{raw:.1f} KiB (raw `websockets`)",
+            f"{c['ratio']:.2f}x", f"<= 20 KiB ({ok})")
+    s = r.get("slow")
+    if s is not None and not skipped("slow readers", s):
+        ctl, slw = s["prscd_control"], s["prscd_slow"]
+        row(f"slow readers: others' deliveries/s ({s['peers']} peers, {s['slow']} never "
+            f"read, {s['message_bytes']} B)", _n(slw["deliveries_per_s"]),
+            f"{_n(ctl['deliveries_per_s'])} (no slow reader)",
+            f"{s['rate_ratio_slow_vs_control']:.2f}x", "flat")
+        grow, peak = slw["rss_growth_kib"] / 1024, slw["rss_max_growth_kib"] / 1024
+        row("slow readers: node RSS growth over the run",
+            f"{grow:+.1f} MiB (max {peak:+.1f})",
+            f"{ctl['rss_growth_kib'] / 1024:+.1f} MiB (no slow reader)", "-",
+            f"bounded; {s['slow_closed_by_node']}/{s['slow']} closed 1008")
+    for key, label in (("storm", "join storm"), ("storm_plain", "join storm, dedupe off")):
+        j = r.get(key)
+        if j is None or skipped(label, j):
+            continue
+        t = j["seconds_until_all_listed"]
+        node = (f"{t:.2f} s until all listed" if t is not None
+                else f"{j['peers_done']}/{j['peers']} listed all")
+        row(f"{label} ({j['peers']} peers): time / frames handled / delivered",
+            f"{node}; {j['frames_handled']:,} handled; "
+            f"{j['frames_delivered_until_idle']:,} delivered",
+            f"node idle after {j['seconds_until_node_idle']:.1f} s; "
+            f"max RSS {j['server_rss_kib_max'] / 1024:.0f} MiB",
+            "-", f"{j['dropped'].get('slow_reader', 0)} closed as slow readers")
+    lat = r.get("latency")
+    if lat is not None and not skipped("mesh latency", lat):
+        same, cross, raw = lat["prscd_same_node"], lat["prscd_cross_node"], lat["raw_nats"]
+        row("mesh latency p50 / p99, same node", f"{same['p50_ms']:.2f} / {same['p99_ms']:.2f} ms",
+            "-", "-", "-")
+        row("mesh latency p50 / p99, node A -> NATS -> node B",
+            f"{cross['p50_ms']:.2f} / {cross['p99_ms']:.2f} ms",
+            f"{raw['p50_ms']:.2f} / {raw['p99_ms']:.2f} ms (nats-py pub->sub)",
+            f"+{lat['added_cross_p50_ms']:.2f} / +{lat['added_cross_p99_ms']:.2f} ms added",
+            "-")
+    tr = r.get("tracing")
+    if tr is not None and not skipped("tracing overhead", tr):
+        row("tracing overhead: fan-out deliveries/s, tracing on",
+            _n(tr["deliveries_per_s_tracing_on"]),
+            f"{_n(tr['deliveries_per_s_tracing_off'])} (tracing off)",
+            f"{tr['ratio_on_vs_off']:.2f}x", "-")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(ALL),
+                        help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes: seconds, not minutes")
+    parser.add_argument("--tls", action="store_true", help="also run fan-out with TLS on")
+    parser.add_argument("--storm-plain", action="store_true",
+                        help="also run the join storm with DEDUPE_PEER_STATE=false")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = set(names) - set(ALL)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    out = Path(args.out)
+    results = run(names, out, quick=args.quick, tls=args.tls, storm_plain=args.storm_plain)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    table = markdown(results)
+    (out / "results.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""The benchmark command still runs (bench/ must not rot): a seconds-long fan-out.
+
+Not a performance test: it checks that ``python -m bench`` starts prscd and the raw
+baseline as subprocesses, drives them from worker processes, and writes a JSON file
+and a Markdown table with plausible numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fanout_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "fanout", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    fan = results["fanout"]
+    assert "error" not in fan, fan
+    assert fan["tls"] is False and fan["peers"] == 200 and fan["message_bytes"] == 64
+    for side in ("prscd", "raw"):
+        rounds = fan["rounds_detail"][side]
+        assert rounds and all(r["deliveries_per_s"] > 1000 for r in rounds), rounds
+        assert all(r["messages_sent"] > 0 and r["closed"]["codes"] == {} for r in rounds)
+    assert 0 < fan["ratio"] < 1000
+    assert fan["prscd_cpu_s_per_100k"] > 0 and fan["raw_cpu_s_per_100k"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "fan-out, TLS off" in table and "websockets.broadcast" in table
+    assert "CPUs" in table
