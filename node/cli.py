@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prscd", description="Presence server for @yomo/presence")
     parser.add_argument("--version", action="version", version=f"prscd {__version__}")
     parser.add_argument("--env-file", default=".env", help="dotenv file to read (default .env)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="run N node processes sharing the port (SO_REUSEPORT), each its "
+                             "own mesh member; needs NATS_URL (default 1)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      help="run (the default), publish, observe")
     commands.add_parser("run", help="run a node (what `prscd` with no command does)")
@@ -104,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.debug)
     if args.command not in (None, "run"):
         return int(args.func(settings, args))
+    if args.workers != 1:
+        from node.workers import check, supervise
+
+        problem = check(settings, args.workers)
+        if problem:
+            print(f"prscd: {problem}", file=sys.stderr)
+            return 2
+        return supervise(settings, args.workers, args.env_file)
     try:
         import uvloop  # optional: the [fast] extra
     except ImportError:
