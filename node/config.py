@@ -116,6 +116,8 @@ class Settings:
     jaeger_endpoint: str = ""
     public_keys: dict[str, str] = field(default_factory=dict, repr=False)
     public_keys_file: str = ""
+    #: The PUBLIC_KEYS part of public_keys (kept when the file is re-read on SIGHUP).
+    public_keys_env: dict[str, str] = field(default_factory=dict, repr=False)
     default_app: str = "default"
     max_message_bytes: int = 64 * 1024
     ping_interval: float = 10.0
@@ -129,6 +131,20 @@ class Settings:
     write_buffer_limit: int = 1024 * 1024
     #: Forward an unchanged peer_state only to members that lack it (node/presence.py).
     dedupe_peer_state: bool = True
+    # Limits (node/limits.py); 0 = no limit.
+    rate_limit: float = 200.0
+    rate_burst: int = 400
+    max_channels_per_peer: int = 64
+    max_peers_per_channel: int = 1000
+    max_connections: int = 10000
+    #: Seconds a client may take from TCP/QUIC connect to an open WebSocket/WebTransport.
+    handshake_timeout: float = 10.0
+    http_max_line: int = 8192
+    http_max_headers: int = 64
+    #: POST {publickey, id} -> {app}; may embed credentials (never logged).
+    auth_webhook_url: str = field(default="", repr=False)
+    auth_webhook_timeout: float = 2.0
+    auth_webhook_cache: float = 10.0
     pid_file: str = ""
     drain_seconds: float = 0.0
     #: Everything else read from the environment, for the adapters that need it
@@ -137,7 +153,7 @@ class Settings:
 
     @property
     def keys_configured(self) -> bool:
-        return bool(self.public_keys or self.public_keys_file)
+        return bool(self.public_keys or self.public_keys_file or self.auth_webhook_url)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -149,7 +165,8 @@ class Settings:
         port = _number(env, "PORT", 8443, int)
         if port > 65535:
             raise ConfigError(f"PORT={port}: not a port number")
-        keys = parse_keys(env.get("PUBLIC_KEYS", ""), "PUBLIC_KEYS")
+        env_keys = parse_keys(env.get("PUBLIC_KEYS", ""), "PUBLIC_KEYS")
+        keys = dict(env_keys)
         keys_file = env.get("PUBLIC_KEYS_FILE", "").strip()
         if keys_file:
             try:
@@ -175,6 +192,13 @@ class Settings:
         nats_ping = _number(env, "NATS_PING_INTERVAL", 2.0)
         if nats_ping <= 0:
             raise ConfigError(f"NATS_PING_INTERVAL={nats_ping}: must be positive")
+        handshake_timeout = _number(env, "HANDSHAKE_TIMEOUT", 10.0)
+        if handshake_timeout <= 0:
+            raise ConfigError(f"HANDSHAKE_TIMEOUT={handshake_timeout}: must be positive")
+        webhook = env.get("AUTH_WEBHOOK_URL", "").strip()
+        if webhook and not webhook.startswith(("http://", "https://")):
+            # Never echo the value: it may hold credentials.
+            raise ConfigError("AUTH_WEBHOOK_URL: expected an http:// or https:// URL")
         settings = cls(
             debug=_bool(env, "DEBUG", False),
             host=env.get("HOST", "").strip(),
@@ -205,6 +229,7 @@ class Settings:
             jaeger_endpoint=env.get("YOMO_TRACE_JAEGER_ENDPOINT", "").strip(),
             public_keys=keys,
             public_keys_file=keys_file,
+            public_keys_env=env_keys,
             default_app=env.get("DEFAULT_APP", "").strip() or "default",
             max_message_bytes=_number(env, "MAX_MESSAGE_SIZE", 64 * 1024, int),
             ping_interval=_number(env, "PING_INTERVAL", 10.0),
@@ -215,6 +240,17 @@ class Settings:
             wt_ping_interval=_number(env, "WT_PING_INTERVAL", 4.0),
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
             dedupe_peer_state=_bool(env, "DEDUPE_PEER_STATE", True),
+            rate_limit=_number(env, "RATE_LIMIT", 200.0),
+            rate_burst=_number(env, "RATE_BURST", 400, int),
+            max_channels_per_peer=_number(env, "MAX_CHANNELS_PER_PEER", 64, int),
+            max_peers_per_channel=_number(env, "MAX_PEERS_PER_CHANNEL", 1000, int),
+            max_connections=_number(env, "MAX_CONNECTIONS", 10000, int),
+            handshake_timeout=handshake_timeout,
+            http_max_line=_number(env, "HTTP_MAX_LINE", 8192, int),
+            http_max_headers=_number(env, "HTTP_MAX_HEADERS", 64, int),
+            auth_webhook_url=webhook,
+            auth_webhook_timeout=_number(env, "AUTH_WEBHOOK_TIMEOUT", 2.0),
+            auth_webhook_cache=_number(env, "AUTH_WEBHOOK_CACHE", 10.0),
             pid_file=env.get("PID_FILE", "").strip(),
             drain_seconds=_number(env, "DRAIN_SECONDS", 0.0),
             extra={},

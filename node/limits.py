@@ -1,0 +1,162 @@
+"""Limits on what one peer may cost a node (no I/O; the clock is passed in).
+
+* **Message rate**: a token bucket per peer, ``RATE_LIMIT`` messages per second on
+  average with bursts of ``RATE_BURST``. A message over the rate is dropped and counted
+  (``rate_limited``). What is dropped also fills a second, leaky counter that drains at
+  the rate: a peer that keeps sending more than twice its rate overflows it after a
+  while and is closed with 1008 ``message rate over N/s`` (the client may reconnect).
+* **Answers the server asked for** are not charged: the real client answers every
+  ``peer_online`` it receives with a ``peer_state`` from each of its Channel objects, and
+  every join ack with ``peer_online`` + ``peer_state`` per channel, so a join storm in a
+  channel of N members makes each member send about N messages at once. A delivered
+  ``peer_online`` credits the peer one ``peer_state`` per channel it is in; a join ack
+  credits one ``peer_online`` and one ``peer_state`` per channel. Credit is spent before
+  tokens, only by those ops, and capped. A ``peer_online`` is never credited by another
+  ``peer_online`` (only by an ack), so two peers cannot bounce them for free.
+* **Channels per peer** and **peers per channel** (local peers of this node): a join over
+  either is refused by closing the connection with 4008 and the reason. The real client
+  waits for a join ack forever and has no error path; an ack that never comes leaves the
+  page hanging silently, a close is seen (``presence.on('closed')``, the close event's
+  reason) and, being >= 4000, is not retried in a loop by the client.
+* **Connections** per node process: past ``MAX_CONNECTIONS`` the handshake answers 503.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from node import protocol
+
+if TYPE_CHECKING:
+    from node.config import Settings
+    from node.presence import Peer, Presence
+    from node.protocol import Signalling
+
+#: Close codes (WebSocket close frame / WebTransport close capsule).
+CLOSE_POLICY: Final = 1008  # rate flood: a policy violation; the client may reconnect
+CLOSE_LIMIT: Final = 4008  # a join over a limit: >= 4000, so the real client does not retry
+
+OK: Final = 0
+DROP: Final = 1
+FLOOD: Final = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Close the connection with ``code`` and ``reason``; ``counter`` names the drop."""
+
+    code: int
+    reason: str
+    counter: str
+
+
+class Bucket:
+    """One peer's token bucket, its flood counter and its credit for asked-for answers."""
+
+    __slots__ = ("at", "excess", "online_credit", "state_credit", "tokens")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.tokens = float(burst)
+        self.at = now
+        self.excess = 0.0
+        self.online_credit = 0
+        self.state_credit = 0
+
+    def take(self, rate: float, burst: float, now: float) -> int:
+        """OK, DROP (over the rate) or FLOOD (over twice the rate for a while)."""
+        elapsed = now - self.at
+        if elapsed > 0:
+            self.at = now
+            refill = elapsed * rate
+            self.tokens = min(burst, self.tokens + refill)
+            if self.excess:
+                self.excess = max(0.0, self.excess - refill)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return OK
+        self.excess += 1.0
+        return FLOOD if self.excess > burst else DROP
+
+
+class Guard:
+    """Every limit of one node. The node asks before it acts; nothing here sends."""
+
+    def __init__(self, settings: Settings, presence: Presence) -> None:
+        self.presence = presence
+        self.rate = float(settings.rate_limit)
+        self.burst = float(max(settings.rate_burst, 1))
+        self.max_channels = settings.max_channels_per_peer
+        self.max_members = settings.max_peers_per_channel
+        self.max_connections = settings.max_connections
+        #: At most this much credit is held for answers (a join storm in a full channel).
+        self.credit_cap = 4 * max(self.max_members, 64)
+        self.buckets: dict[str, Bucket] = {}
+
+    # -- connections -------------------------------------------------------------------
+
+    def admit(self) -> str:
+        """Why a new connection must be refused (HTTP 503), or ``""``."""
+        if self.max_connections and len(self.presence.peers) >= self.max_connections:
+            return f"node full: {self.max_connections} connections"
+        return ""
+
+    def opened(self, peer: Peer, now: float) -> None:
+        if self.rate:
+            self.buckets[peer.sid] = Bucket(self.burst, now)
+
+    def closed(self, peer: Peer) -> None:
+        self.buckets.pop(peer.sid, None)
+
+    # -- frames ------------------------------------------------------------------------
+
+    def check(self, peer: Peer, sig: Signalling, now: float) -> Refusal | int:
+        """OK, DROP (count and ignore), or a :class:`Refusal` (close the connection)."""
+        if self.rate and (bucket := self.buckets.get(peer.sid)) is not None:
+            op = sig.op
+            if op == protocol.PEER_STATE and bucket.state_credit:
+                bucket.state_credit -= 1
+            elif op == protocol.PEER_ONLINE and bucket.online_credit:
+                bucket.online_credit -= 1
+            else:
+                verdict = bucket.take(self.rate, self.burst, now)
+                if verdict == FLOOD:
+                    return Refusal(CLOSE_POLICY, f"message rate over {self.rate:g}/s",
+                                   "rate_flood")
+                if verdict == DROP:
+                    return DROP
+        if sig.op == protocol.CHANNEL_JOIN and sig.c not in peer.channels:
+            return self._check_join(peer, sig.c)
+        return OK
+
+    def _check_join(self, peer: Peer, name: str) -> Refusal | int:
+        if self.max_channels and len(peer.channels) >= self.max_channels:
+            return Refusal(CLOSE_LIMIT, f"too many channels: at most {self.max_channels} "
+                           "per connection", "too_many_channels")
+        if self.max_members:
+            realm = self.presence.realms.get(peer.app)
+            channel = realm.channels.get(name) if realm is not None else None
+            if channel is not None and len(channel.peers) >= self.max_members:
+                return Refusal(CLOSE_LIMIT, f"channel full: at most {self.max_members} "
+                               "peers per channel on this node", "channel_full")
+        return OK
+
+    def asked_state(self, peers: tuple[Peer, ...] | list[Peer]) -> None:
+        """These peers were sent a ``peer_online``: each Channel object answers with a
+        ``peer_state``."""
+        if not self.rate:
+            return
+        buckets, cap = self.buckets, self.credit_cap
+        for peer in peers:
+            bucket = buckets.get(peer.sid)
+            if bucket is not None and bucket.state_credit < cap:
+                bucket.state_credit = min(cap, bucket.state_credit + max(len(peer.channels), 1))
+
+    def asked_announce(self, peer: Peer) -> None:
+        """``peer`` was sent a join ack: each Channel object sends ``peer_online`` and
+        ``peer_state``."""
+        bucket = self.buckets.get(peer.sid)
+        if bucket is not None:
+            n = max(len(peer.channels), 1)
+            bucket.online_credit = min(self.credit_cap, bucket.online_credit + n)
+            bucket.state_credit = min(self.credit_cap, bucket.state_credit + n)
