@@ -141,6 +141,9 @@ def start_node(log_dir: Path, *, tls: bool = False, name: str = "prscd",
     full_env.update({
         "PORT": str(port), "HOST": "127.0.0.1", "TLS": "true" if tls else "false",
         "PID_FILE": str(tmp / "prscd.pid"), "CERT_CACHE_DIR": str(tmp),
+        # Benchmarks measure the server, not its per-peer limits (one sender at full
+        # speed would be rate-limited; capacity runs exceed a channel's peer limit).
+        "RATE_LIMIT": "0", "MAX_PEERS_PER_CHANNEL": "0", "MAX_CONNECTIONS": "0",
     })
     full_env.update(env or {})
     log_path = log_dir / f"{name}-{port}.log"
@@ -154,7 +157,9 @@ def start_node(log_dir: Path, *, tls: bool = False, name: str = "prscd",
 # Settings a developer's shell might carry that would change what is measured.
 _NODE_KEYS = {"PORT", "HOST", "TLS", "NATS_URL", "DEBUG", "PUBLIC_KEYS", "PUBLIC_KEYS_FILE",
               "PING_INTERVAL", "PING_TIMEOUT", "WRITE_BUFFER_LIMIT", "WS_COMPRESSION",
-              "WEBTRANSPORT", "CERT_FILE", "KEY_FILE", "MESH_ID", "PID_FILE"}
+              "WEBTRANSPORT", "CERT_FILE", "KEY_FILE", "MESH_ID", "PID_FILE",
+              "RATE_LIMIT", "RATE_BURST", "MAX_PEERS_PER_CHANNEL", "MAX_CONNECTIONS",
+              "MAX_CHANNELS_PER_PEER", "AUTH_WEBHOOK_URL"}
 
 
 def start_raw(log_dir: Path, mode: str, *, tls: bool = False) -> Server:

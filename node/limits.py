@@ -125,9 +125,25 @@ class Guard:
                                    "rate_flood")
                 if verdict == DROP:
                     return DROP
-        if sig.op == protocol.CHANNEL_JOIN and sig.c not in peer.channels:
-            return self._check_join(peer, sig.c)
+        if sig.op == protocol.CHANNEL_JOIN:
+            if sig.c not in peer.channels:
+                refused = self._check_join(peer, sig.c)
+                if refused:
+                    return refused
+            # The ack makes every Channel object of the connection announce itself.
+            self.asked_announce(peer, 0 if sig.c in peer.channels else 1)
+        elif sig.op == protocol.PEER_ONLINE and sig.c in peer.channels:
+            self.online(peer.app, sig.c, peer)
         return OK
+
+    def online(self, app: str | None, name: str, sender: Peer | None = None) -> None:
+        """A ``peer_online`` goes to the local peers of a channel: each answers."""
+        if not self.rate:
+            return
+        realm = self.presence.realms.get(app or "")
+        channel = realm.channels.get(name) if realm is not None else None
+        if channel is not None:
+            self.asked_state([p for p in channel.peers.values() if p is not sender])
 
     def _check_join(self, peer: Peer, name: str) -> Refusal | int:
         if self.max_channels and len(peer.channels) >= self.max_channels:
@@ -152,11 +168,11 @@ class Guard:
             if bucket is not None and bucket.state_credit < cap:
                 bucket.state_credit = min(cap, bucket.state_credit + max(len(peer.channels), 1))
 
-    def asked_announce(self, peer: Peer) -> None:
-        """``peer`` was sent a join ack: each Channel object sends ``peer_online`` and
+    def asked_announce(self, peer: Peer, new_channels: int = 0) -> None:
+        """``peer`` is sent a join ack: each Channel object sends ``peer_online`` and
         ``peer_state``."""
         bucket = self.buckets.get(peer.sid)
         if bucket is not None:
-            n = max(len(peer.channels), 1)
+            n = max(len(peer.channels) + new_channels, 1)
             bucket.online_credit = min(self.credit_cap, bucket.online_credit + n)
             bucket.state_credit = min(self.credit_cap, bucket.state_credit + n)

@@ -24,8 +24,9 @@ from mesh.bus import Bus, EmbeddedBus
 from mesh.liveness import Liveness
 from mesh.tracing import CONSUMER, PRODUCER, SERVER, Tracing, make_tracing
 from node import __version__, protocol
-from node.auth import Auth, AuthError
+from node.auth import Auth, AuthError, AuthUnavailable
 from node.config import Settings
+from node.limits import Guard, Refusal
 from node.presence import Deliver, Interest, Peer, Presence, Publish
 from node.tls import CertInfo
 
@@ -76,8 +77,8 @@ class Node:
         #: ``tracing.enabled`` False (no endpoint) = one attribute check per frame, no spans.
         self.tracing: Tracing = make_tracing(settings, self.node_id, span_exporter)
         self.presence = Presence(settings.mesh_id, dedupe_state=settings.dedupe_peer_state)
-        self.auth = Auth(dict(settings.public_keys), settings.default_app,
-                         open_mode=not settings.keys_configured)
+        self.auth = Auth.from_settings(settings)
+        self.guard = Guard(settings, self.presence)
         self.bus = bus or make_bus(settings)
         self.source = Source(self.bus, settings.mesh_id, self.node_id, settings.sndr_name)
         self.stream_function = StreamFunction(
@@ -103,7 +104,7 @@ class Node:
 
     # -- what transports call ------------------------------------------------
 
-    def admit(self, query: str, transport: str) -> Admission:
+    async def admit(self, query: str, transport: str) -> Admission:
         params = parse_query(query)
         publickey, raw_id = params.get("publickey", ""), params.get("id", "")
         if not publickey:
@@ -116,11 +117,17 @@ class Node:
             return Admission(HTTPStatus.BAD_REQUEST, f"bad id: {exc}")
         if self.draining:
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "node is draining")
+        if full := self.guard.admit():
+            self.count_drop("connection_limit")
+            return Admission(HTTPStatus.SERVICE_UNAVAILABLE, full)
         try:
-            app = self.auth.app_for(publickey)
+            app = await self.auth.resolve(publickey, client_id)
         except AuthError as exc:
             log.info("rejected transport=%s id=%s reason=%s", transport, client_id, exc)
             return Admission(HTTPStatus.FORBIDDEN, "publickey rejected")
+        except AuthUnavailable:
+            self.count_drop("auth_unavailable")
+            return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "cannot check the publickey now")
         return Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", client_id, app)
 
     def open_peer(self, admission: Admission, transport: str, link: Link) -> Peer:
@@ -132,13 +139,24 @@ class Node:
             link=link,
         )
         self.presence.connect(peer)
+        self.guard.opened(peer, time.monotonic())
         log.info("peer open sid=%s id=%s app=%s transport=%s",
                  peer.sid, peer.client_id, peer.app, transport)
         return peer
 
     async def receive(self, peer: Peer, frame: bytes) -> None:
         """Handle one frame; raises ProtocolError for the transport to close on."""
+        if peer.sid not in self.presence.peers:
+            self.count_drop("after_close")  # closed by a limit; the socket is closing
+            return
         sig = protocol.decode(frame)
+        verdict = self.guard.check(peer, sig, time.monotonic())
+        if verdict:
+            if isinstance(verdict, Refusal):
+                await self.refuse(peer, verdict)
+            else:
+                self.count_drop("rate_limited")
+            return
         if self.settings.debug:
             log.debug("frame sid=%s id=%s t=%s op=%s c=%r bytes=%d",
                       peer.sid, peer.client_id, sig.t, sig.op, sig.c, len(frame))
@@ -147,9 +165,18 @@ class Node:
             return
         await self._execute(self.presence.handle(peer, sig))
 
+    async def refuse(self, peer: Peer, refusal: Refusal) -> None:
+        """Close a peer over a limit now: others hear its offline at once."""
+        self.count_drop(refusal.counter)
+        log.warning("limit sid=%s id=%s code=%d reason=%s", peer.sid, peer.client_id,
+                    refusal.code, refusal.reason)
+        peer.link.close(refusal.code, refusal.reason)
+        await self.close_peer(peer, f"close code={refusal.code} reason={refusal.reason!r}")
+
     async def close_peer(self, peer: Peer, why: str = "") -> None:
         if peer.sid not in self.presence.peers:
             return
+        self.guard.closed(peer)
         channels = len(peer.channels)
         if self.tracing.enabled:
             with self.tracing.span("prscd.disconnect", SERVER, self._peer_attrs(peer)):
@@ -192,6 +219,8 @@ class Node:
     def _on_mesh_event(self, event: MeshEvent) -> None:
         if event.tag == TAG_PEER:
             self.liveness.seen(event.node)
+        if event.sig.op == protocol.PEER_ONLINE:
+            self.guard.online(event.sig.app, event.sig.c)
         if self.tracing.enabled:
             self._dispatch_traced(event)
             return
@@ -267,6 +296,7 @@ class Node:
         n = 0
         for peer in list(self.presence.peers.values()):
             if peer.channels:
+                self.guard.asked_announce(peer)
                 ack = protocol.encode_join_ack(min(peer.channels), self.settings.mesh_id)
                 n += int(peer.link.send(ack))
         log.info("resync: %d peers asked to re-announce (%s)", n, why)

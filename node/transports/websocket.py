@@ -33,6 +33,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from websockets import http11
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -337,7 +338,8 @@ class WebSocketTransport:
     def _headers(self) -> dict[str, str]:
         return {"X-Prscd-MeshID": self.node.settings.mesh_id, "X-Prscd-Version": __version__}
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, conn: ServerConnection,
+                               request: Request) -> Response | None:
         url = urlsplit(request.path)
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         if url.path != "/v1":
@@ -348,7 +350,7 @@ class WebSocketTransport:
                 reply = http.route(self.node, url.path)
             return _reply(reply.status, reply.body, reply.content_type,
                           {**reply.headers, **self._headers()})
-        admission = self.node.admit(url.query, "websocket")
+        admission = await self.node.admit(url.query, "websocket")
         if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
             return _reply(admission.status, admission.reason.encode() + b"\n",
                           "text/plain; charset=utf-8", self._headers())
@@ -367,6 +369,10 @@ class WebSocketTransport:
 
     async def start(self, host: str | None, port: int, ssl: Any) -> list[tuple[str, int]]:
         settings = self.node.settings
+        # Request line and header limits (process-wide in websockets): a longer line
+        # answers 414 or 431, more headers 431.
+        http11.MAX_LINE_LENGTH = settings.http_max_line
+        http11.MAX_NUM_HEADERS = settings.http_max_headers
         self.server = await serve(
             self._handler,
             host or None,
@@ -377,6 +383,9 @@ class WebSocketTransport:
             compression="deflate" if settings.ws_compression else None,
             max_size=settings.max_message_bytes,
             ping_interval=None,  # our own keepalive sends the timestamp ping
+            # TLS handshake, then the HTTP upgrade, each within this (else the TCP
+            # connection is dropped).
+            open_timeout=settings.handshake_timeout,
             server_header=f"prscd/{__version__}",
             reuse_port=True,
             create_connection=PeerConnection,

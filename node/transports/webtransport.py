@@ -94,6 +94,13 @@ class H3Protocol(QuicConnectionProtocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._transmit_scheduled = False
         self._last_request = -1
+        #: Handshake deadline: a connection that never opens a session (or stops
+        #: asking for anything) within HANDSHAKE_TIMEOUT is closed.
+        self._admitting = 0
+        self._ever_session = False
+        self._active_at = self._loop.time()
+        self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
+            server.node.settings.handshake_timeout, self._handshake_deadline)
         server.connections.add(self)
 
     # -- what sessions use -------------------------------------------------------
@@ -190,9 +197,28 @@ class H3Protocol(QuicConnectionProtocol):
             session.end(why, reply="none")
         self.shutdown()
 
+    def _handshake_deadline(self) -> None:
+        self._deadline = None
+        if self.terminated or self._ever_session:
+            return
+        timeout = self.node.settings.handshake_timeout
+        idle = self._loop.time() - self._active_at
+        if self._admitting or idle < timeout:  # busy, or served a request lately
+            self._deadline = self._loop.call_later(max(timeout - idle, 0.1),
+                                                   self._handshake_deadline)
+            return
+        self.node.count_drop("handshake_timeout")
+        log.info("closing a QUIC connection without a WebTransport session after %gs",
+                 timeout)
+        self.quic.close(error_code=0x100, reason_phrase="no WebTransport session")  # H3_NO_ERROR
+        self.transmit()
+
     def shutdown(self) -> None:
         """Forget this connection: no more pings or timers (its socket may be closed)."""
         self.terminated = True
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._ping_handle is not None:
             self._ping_handle.cancel()
             self._ping_handle = None
@@ -243,6 +269,14 @@ class H3Protocol(QuicConnectionProtocol):
         self.transmit()
 
     def _request(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
+        self._active_at = self._loop.time()
+        settings = self.node.settings
+        if (len(headers) > settings.http_max_headers
+                or any(len(k) + len(v) + 2 > settings.http_max_line for k, v in headers.items())):
+            self.node.count_drop("headers_too_large")
+            self._respond(stream_id, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                          b"request header fields too large\n")
+            return
         method = headers.get(b":method", b"")
         if method == b"CONNECT":
             self._connect(stream_id, headers)
@@ -259,15 +293,26 @@ class H3Protocol(QuicConnectionProtocol):
 
     def _connect(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
         status, reason, query = check_connect(headers)
-        admission = None
-        if not status:
-            admission = self.node.admit(query, "webtransport")
-            if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
-                status, reason = admission.status, admission.reason
-        if status or admission is None:
+        if status:
             log.info("connect refused status=%d reason=%s", status, reason)
             self._respond(stream_id, status, reason.encode() + b"\n")
             return
+        # Admission may wait (the auth webhook): in a task, the connection carries on.
+        self._admitting += 1
+        self.server.track(self._loop.create_task(self._admit(stream_id, query)))
+
+    async def _admit(self, stream_id: int, query: str) -> None:
+        try:
+            admission = await self.node.admit(query, "webtransport")
+        finally:
+            self._admitting -= 1
+        if self.terminated:
+            return
+        if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
+            log.info("connect refused status=%d reason=%s", admission.status, admission.reason)
+            self._respond(stream_id, admission.status, admission.reason.encode() + b"\n")
+            return
+        self._ever_session = True
         session = WebTransportSession(self, stream_id, self.node, self.server.counters)
         self.sessions[stream_id] = session
         self.h3.send_headers(stream_id, [
