@@ -9,7 +9,8 @@ on loopback. Results go to ``DIR/results.json`` and ``DIR/results.md`` (default
 Benchmarks (``--only`` takes a comma-separated list):
 
 - ``fanout``:   1,000 peers in one channel, one sender of 64-byte messages; prscd vs a
-  minimal ``websockets.broadcast`` server, TLS off for both (``--tls`` adds a TLS pair)
+  minimal ``websockets.broadcast`` server, TLS off for both (``--tls`` adds a TLS pair);
+  with 32 messages in flight, and again with one at a time (no batching across messages)
 - ``capacity``: 10,000 idle peers; RSS per peer, prscd vs a raw ``websockets`` server
 - ``slow``:     1,000 peers of which 10 never read; the others' rate and the node's RSS
 - ``storm``:    500 peers join one channel like the real client; time until everyone
@@ -71,6 +72,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
     plans: dict[str, Any] = {
         "fanout": lambda: fanout.run(logs, **({"peers": 200, "rounds": 1, "duration": 1.5,
                                               "warmup": 0.5} if quick else {})),
+        "fanout_paced": lambda: fanout.run(logs, window=1, **(
+            {"peers": 200, "rounds": 1, "duration": 1.5, "warmup": 0.5} if quick else {})),
         "fanout_tls": lambda: fanout.run(logs, tls=True, **(
             {"peers": 200, "rounds": 1, "duration": 1.5, "warmup": 0.5} if quick else {})),
         "capacity": lambda: capacity.run(logs, **({"peers": 1000, "settle": 1.0}
@@ -87,6 +90,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
                                                           "duration": 1.5} if quick else {})),
     }
     todo = list(names)
+    if "fanout" in todo:
+        todo.insert(todo.index("fanout") + 1, "fanout_paced")
     if tls and "fanout" in todo:
         todo.insert(todo.index("fanout") + 1, "fanout_tls")
     if storm_plain and "storm" in todo:
@@ -135,7 +140,9 @@ def markdown(r: dict[str, Any]) -> str:
             row(name, "skipped" if "skipped" in res else "error", why, "-", "-")
         return bool(why)
 
-    for key, label in (("fanout", "fan-out, TLS off"), ("fanout_tls", "fan-out, TLS on")):
+    for key, label in (("fanout", "fan-out, TLS off"),
+                       ("fanout_paced", "fan-out, TLS off, one message in flight"),
+                       ("fanout_tls", "fan-out, TLS on")):
         f = r.get(key)
         if f is None or skipped(label, f):
             continue
