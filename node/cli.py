@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 
@@ -27,11 +28,30 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
+_PUBLICKEY = re.compile(r"(publickey=)[^&\s\"']*", re.IGNORECASE)
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s\"']+@", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Last line of defence for what libraries log (websockets' debug log shows each
+    request line, ``?publickey=...`` included): public keys and URL credentials are
+    replaced before any handler writes the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "publickey=" in message or "@" in message:
+            redacted = _USERINFO.sub(r"\1<redacted>@", _PUBLICKEY.sub(r"\1<redacted>", message))
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True
+
+
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter = LogfmtFormatter()
     formatter.converter = __import__("time").gmtime
     handler.setFormatter(formatter)
+    handler.addFilter(RedactSecrets())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
