@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from typing import Any
@@ -11,7 +12,7 @@ from tests.conftest import NodeFactory
 from tests.mesh.conftest import NatsFactory, PuppetFactory
 from tests.mesh.test_supercluster import client, marker
 from tests.mesh.test_two_nodes import client as local_client
-from tests.mesh_helpers import NatsServer, http_json, wait_until
+from tests.mesh_helpers import http_json, wait_until
 
 BOUND = 5.0  # offline must be announced within this (NODE_TIMEOUT=3 s by default)
 
@@ -67,6 +68,23 @@ async def test_graceful_stop_announces_offline_at_once(
     assert h["mesh"]["nodes_alive"] == 2
 
 
+async def flows_again(sender: Any, receiver: Any, ch: str, within: float = 10.0) -> None:
+    """Broadcast until one arrives (bounded), then the next one must arrive too."""
+    deadline = time.monotonic() + within
+    for n in itertools.count():
+        before = len(receiver.data(ch, "m"))
+        await sender.broadcast(ch, "m", {"n": n})
+        try:
+            await receiver.wait_data(ch, "m", count=before + 1, timeout=0.25)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+    before = len(receiver.data(ch, "m"))
+    await sender.broadcast(ch, "m", {"steady": True})
+    await receiver.wait_data(ch, "m", count=before + 1, timeout=5)
+
+
 async def test_a_region_losing_its_nats_server_fails_over_and_recovers(
         cluster: Any, make_puppet: PuppetFactory) -> None:
     ch = "nats-down"
@@ -88,13 +106,12 @@ async def test_a_region_losing_its_nats_server_fails_over_and_recovers(
     t0 = time.monotonic()
     await wait_until(failed_over, 10, "eu-west's node to fail over")
     print(f"\nfailover to another region's NATS server: {time.monotonic() - t0:.3f} s")
-    # (A message sent during the failover itself could be lost: core NATS is at-most-once.)
-    await alice.broadcast(ch, "m", {"n": 1})
-    await bob.wait_data(ch, "m", count=1, timeout=10)
+    # Core NATS is at-most-once: while the moved subscriptions propagate over the gateways
+    # a message can still be lost, so the claim is "flows again within 10 s, then steadily".
+    await flows_again(alice, bob, ch)
     cluster.start_nats("eu-west")
     cluster.wait_nats()
-    await bob.broadcast(ch, "m", {"n": 2})
-    await alice.wait_data(ch, "m", count=1, timeout=10)
+    await flows_again(bob, alice, ch)
     late = await client(make_puppet, cluster, "eu-west", "late", ch)
     await late.wait_peers(ch, {"alice", "bob"}, timeout=10)
     await alice.wait_peers(ch, {"bob", "late"}, timeout=10)
@@ -132,7 +149,7 @@ async def test_bus_outage_keeps_local_presence_and_recovers_without_losing_peers
     assert alice.peer_ids("room") == {"bob", "carol"}
     assert a.node.liveness.declared_dead == 0 and b.node.liveness.declared_dead == 0
 
-    NatsServer(nats.workdir, "single", port=nats.port, http_port=nats.http_port).start()
+    nats.start()  # same ports; still owned (and stopped) by the fixture
     await wait_until(lambda: a.node.bus.up and b.node.bus.up, 10, "bus back")
     assert a.node.readiness() == (True, "ok")
     # dave joined while the mesh was down: the resync after the outage makes him known.

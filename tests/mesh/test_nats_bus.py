@@ -50,8 +50,7 @@ async def test_two_named_connections_and_states(nats_server: NatsServer) -> None
         nats_server.kill()
         await wait_until(lambda: bus.state == "reconnecting", 5, "reconnecting")
         await bus.publish("t.y", b"buffered while reconnecting")  # must not raise
-        NatsServer(nats_server.workdir, "nats", port=nats_server.port,
-                   http_port=nats_server.http_port).start()
+        nats_server.start()  # same ports; still owned (and stopped) by the fixture
         await wait_until(lambda: bus.state == "connected", 10, "reconnected")
         await roundtrip(bus, "t.z")
     finally:
