@@ -129,19 +129,30 @@ class Presence:
             elif sig.op == protocol.PEER_STATE:
                 assert sig.pl is not None  # protocol.decode guarantees it
                 return self._forward(peer, sig, _state_targets(channel, peer.sid, sig.pl))
-        actions = self._forward(peer, sig)
         if sig.op == protocol.PEER_OFFLINE:
-            actions.extend(self._remove(peer, sig.c))
-        return actions
+            return self._offline(peer, sig.c)
+        return self._forward(peer, sig)
 
     def disconnect(self, peer: Peer) -> list[Action]:
         """The connection is gone: every channel it joined hears ``peer_offline``."""
         actions: list[Action] = []
         for name in sorted(peer.channels):
-            offline = Signalling(t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=name)
-            actions.extend(self._forward(peer, offline))
-            actions.extend(self._remove(peer, name))
+            actions.extend(self._offline(peer, name))
         self.peers.pop(peer.sid, None)
+        return actions
+
+    def _offline(self, peer: Peer, name: str) -> list[Action]:
+        """``peer`` leaves channel ``name``. Clients remove members *by id*: while another
+        connection with the same id stays in the channel (a second tab, or the same client
+        already back on another node), local peers are not told; the mesh always is."""
+        offline = Signalling(t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=name)
+        channel = self.realms[peer.app].channels[name]
+        if _id_present(channel, peer.client_id, but=peer.sid):
+            actions: list[Action] = [p for p in self._forward(peer, offline)
+                                     if not isinstance(p, Deliver)]
+        else:
+            actions = self._forward(peer, offline)
+        actions.extend(self._remove(peer, name))
         return actions
 
     def _join(self, peer: Peer, name: str) -> list[Action]:
@@ -222,6 +233,8 @@ class Presence:
             if sig.op == protocol.PEER_OFFLINE:
                 channel.remote.pop(key, None)
                 _forget_sender(channel, key)
+                if _id_present(channel, sig.p):
+                    return []  # another connection with that id is still here
             else:
                 channel.remote[key] = sig.p
                 if self.dedupe_state and sig.op == protocol.PEER_ONLINE:
@@ -242,9 +255,18 @@ class Presence:
         for realm in self.realms.values():
             for channel in realm.channels.values():
                 gone = [key for key in channel.remote if key[0] == node]
-                for key in gone:
-                    client_id = channel.remote.pop(key)
+                if not gone:
+                    continue
+                ids = [channel.remote.pop(key) for key in gone]
+                # An id still in the channel (reconnected elsewhere before this node was
+                # declared dead) must not be removed from clients' lists.
+                staying = {p.client_id for p in channel.peers.values()}
+                staying.update(channel.remote.values())
+                for key, client_id in zip(gone, ids, strict=True):
                     _forget_sender(channel, key)
+                    if client_id in staying:
+                        continue
+                    staying.add(client_id)  # one offline per id
                     offline = Signalling(
                         t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=channel.name, p=client_id
                     )
@@ -278,6 +300,14 @@ class Presence:
             }
             for app, realm in self.realms.items()
         }
+
+
+def _id_present(channel: Channel, client_id: str, but: str = "") -> bool:
+    """Is a member with this client id (other than local sid ``but``) in the channel?"""
+    for p in channel.peers.values():
+        if p.client_id == client_id and p.sid != but:
+            return True
+    return client_id in channel.remote.values()
 
 
 # -- peer_state dedupe (see Presence) ----------------------------------------------------

@@ -249,11 +249,16 @@ async def test_id_is_percent_decoded(node: RunningNode) -> None:
 async def test_same_id_twice_is_two_peers(node: RunningNode) -> None:
     tab1 = await joined(node, "room", "alice")
     tab2 = await joined(node, "room", "alice")
+    bob = await joined(node, "room", "bob")
     await tab1.send(data_frame("room", "hi", '"1"'))
     assert (await recv(tab2))["p"] == "alice"
+    assert (await recv(bob))["p"] == "alice"
+    # Clients list members by id: while the second tab stays, nobody hears "alice offline".
     await tab1.close()
-    assert (await recv(tab2))["op"] == "peer_offline"
-    await barrier(await joined(node, "room", "m"), tab2, "room")
+    await barrier(tab2, bob, "room")
+    await tab2.close()
+    offline = await recv(bob)
+    assert (offline["op"], offline["p"]) == ("peer_offline", "alice")
 
 
 async def test_frames_of_one_connection_keep_their_order(node: RunningNode) -> None:
