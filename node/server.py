@@ -240,15 +240,19 @@ class Node:
 
     # -- tracing: one trace per message, across nodes (mesh/tracing.py) ------
 
+    # The hop's identity (transport, peer, app, channel, op) is on the root span of each
+    # node; children carry only what is theirs: every attribute costs at 100% sampling.
+
     def _peer_attrs(self, peer: Peer) -> dict[str, Any]:
         return {"prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
-                "prscd.peer.sid": peer.sid, "prscd.app": peer.app}
+                "prscd.app": peer.app}
 
     async def _receive_traced(self, peer: Peer, sig: protocol.Signalling, size: int) -> None:
-        attrs = {**self._peer_attrs(peer), "prscd.channel": sig.c,
+        attrs = {"prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
+                 "prscd.app": peer.app, "prscd.channel": sig.c,
                  "prscd.op": sig.op or sig.t, "prscd.bytes": size}
         with self.tracing.span("prscd.receive", SERVER, attrs):
-            with self.tracing.span("presence.handle", attributes=attrs) as span:
+            with self.tracing.span("presence.handle") as span:
                 actions = self.presence.handle(peer, sig)
                 span.set_attribute("prscd.delivered", _count(actions))
             await self._execute(actions)
@@ -257,10 +261,8 @@ class Node:
         sig = action.sig
         subject = event_subject(sig.app or "", sig.c, TAG_PEER, self.settings.mesh_id,
                                 self.node_id)
-        attrs = {"messaging.system": "nats" if self.bus.kind == "nats" else self.bus.kind,
-                 "messaging.destination.name": subject, "messaging.operation": "publish",
-                 "prscd.app": sig.app, "prscd.channel": sig.c, "prscd.op": sig.op or sig.t,
-                 "prscd.peer.id": sig.p, "prscd.source": self.source.name}
+        attrs = {"messaging.system": self.bus.kind, "messaging.operation": "publish",
+                 "messaging.destination.name": subject}
         with self.tracing.span("source.publish", PRODUCER, attrs):
             await self.source.publish(sig, headers=self.tracing.inject())
 
@@ -268,13 +270,12 @@ class Node:
         sig = event.sig
         attrs = {"messaging.system": self.bus.kind, "messaging.operation": "receive",
                  "messaging.destination.name": event.message.subject,
-                 "prscd.origin.mesh_id": sig.mesh, "prscd.origin.node_id": event.node,
-                 "prscd.tag": event.tag, "prscd.app": sig.app, "prscd.channel": sig.c,
-                 "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p,
-                 "prscd.stream_function": self.stream_function.name}
+                 "prscd.origin.mesh_id": sig.mesh or "", "prscd.origin.node_id": event.node,
+                 "prscd.tag": event.tag, "prscd.app": sig.app or "", "prscd.channel": sig.c,
+                 "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""}
         parent = self.tracing.extract(event.message.headers)
         with (self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent),
-              self.tracing.span("presence.dispatch", attributes=attrs) as span):
+              self.tracing.span("presence.dispatch") as span):
             actions = self.presence.dispatch_remote(sig, event.node)
             for action in actions:
                 if isinstance(action, Deliver):

@@ -57,5 +57,4 @@ def test_context_crosses_headers_between_two_nodes() -> None:
     assert got.parent is not None and got.parent.span_id == sent.context.span_id
     assert got.resource.attributes["service.instance.id"] == "us-1"
     assert got.resource.attributes["cloud.region"] == "us"
-    assert got.attributes["prscd.node_id"] == "us-1"
     assert sent.resource.attributes["service.name"] == "prscd"
