@@ -128,6 +128,8 @@ class Settings:
     #: browser sends nothing, so it is noticed only when pings go unanswered for this long.
     wt_idle_timeout: float = 10.0
     wt_ping_interval: float = 4.0
+    #: How a stopping node ends WebTransport sessions: "connection" or "capsule".
+    wt_stop_close: str = "connection"
     write_buffer_limit: int = 1024 * 1024
     #: Forward an unchanged peer_state only to members that lack it (node/presence.py).
     dedupe_peer_state: bool = True
@@ -189,6 +191,9 @@ class Settings:
             raise ConfigError(f"HEARTBEAT_INTERVAL={heartbeat}: must be positive")
         if node_timeout <= heartbeat:
             raise ConfigError(f"NODE_TIMEOUT={node_timeout}: must exceed HEARTBEAT_INTERVAL")
+        wt_stop_close = env.get("WT_STOP_CLOSE", "").strip().lower() or "connection"
+        if wt_stop_close not in ("connection", "capsule"):
+            raise ConfigError(f"WT_STOP_CLOSE={wt_stop_close!r}: expected connection or capsule")
         nats_ping = _number(env, "NATS_PING_INTERVAL", 2.0)
         if nats_ping <= 0:
             raise ConfigError(f"NATS_PING_INTERVAL={nats_ping}: must be positive")
@@ -238,6 +243,7 @@ class Settings:
             webtransport=_bool(env, "WEBTRANSPORT", True),
             wt_idle_timeout=_number(env, "WT_IDLE_TIMEOUT", 10.0),
             wt_ping_interval=_number(env, "WT_PING_INTERVAL", 4.0),
+            wt_stop_close=wt_stop_close,
             write_buffer_limit=_number(env, "WRITE_BUFFER_LIMIT", 1024 * 1024, int),
             dedupe_peer_state=_bool(env, "DEDUPE_PEER_STATE", True),
             rate_limit=_number(env, "RATE_LIMIT", 200.0),

@@ -228,8 +228,23 @@ async def test_pings_keep_a_quiet_session_alive(node_factory: NodeFactory) -> No
         assert peer.client_id == "quiet" and peer.rtt_ms is not None  # from QUIC's estimate
 
 
-async def test_node_stop_closes_sessions_with_a_capsule(node_factory: NodeFactory) -> None:
+async def test_node_stop_closes_the_connection_so_the_client_reconnects(
+        node_factory: NodeFactory) -> None:
+    # Chromium's WebTransport rejects `closed` on a CONNECTION_CLOSE, and @yomo/presence
+    # reconnects on that (after 10 s); a close capsule would end it for good.
     node = await node_factory(**WT)
+    async with wt_connect(node.port, path("stay")) as wt:
+        await wt_join(wt, "room", "stay")
+        await node.node.stop()
+        await wt.until(lambda: wt.terminated is not None, what="the CONNECTION_CLOSE")
+        assert wt.terminated.error_code == 0x100  # H3_NO_ERROR
+        assert wt.terminated.reason_phrase == "node stopping"
+        assert wt.close_capsule is None
+    assert not node.node.presence.peers
+
+
+async def test_node_stop_closes_sessions_with_a_capsule(node_factory: NodeFactory) -> None:
+    node = await node_factory(WT_STOP_CLOSE="capsule", **WT)
     async with wt_connect(node.port, path("stay")) as wt:
         await wt_join(wt, "room", "stay")
         await node.node.stop()

@@ -226,3 +226,23 @@ def _record(key: str, value: Any) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = value
     path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+async def test_a_stopping_node_sends_the_real_client_to_reconnect(
+        node_factory: NodeFactory, browser: Browser) -> None:
+    """WT_STOP_CLOSE=connection: CONNECTION_CLOSE, and @yomo/presence reconnects (after its
+    fixed 10 s) to the same address, where Anycast or a restart has a node again."""
+    first = await node_factory(WEBTRANSPORT="true", MESH_ID="first")
+    await browser.launch(first)
+    await browser.call("open", url=demo_url(first, "webtransport.html", "chromium", "Chromium"))
+    await browser.wait("prscdDemo.meshId", timeout=15)
+    assert [p.transport for p in first.node.presence.peers.values()] == ["webtransport"]
+    port = first.port
+    await first.node.stop()
+    second = await node_factory(WEBTRANSPORT="true", MESH_ID="second", PORT=str(port))
+    started = time.monotonic()
+    while not any(p.client_id == "chromium" and p.transport == "webtransport"
+                  for p in second.node.presence.peers.values()):
+        assert time.monotonic() - started < 20, "the browser never reconnected"
+        await asyncio.sleep(0.1)
+    _record("browser_reconnect_after_stop_s", round(time.monotonic() - started, 2))
