@@ -512,7 +512,8 @@ def analyse(plan: Plan, results: list[dict[str, Any]], faults: list[Fault],
             "region": region, "pid": pid, "first_kib": first,
             "after_warmup_kib": base, "end_kib": last,
             "growth_after_warmup_pct": round(100 * (last - base) / base, 2) if base else None,
-            "samples": len(samples), "span_s": samples[-1]["t"] - samples[0]["t"]})
+            "samples": len(samples), "span_s": samples[-1]["t"] - samples[0]["t"],
+            "series_kib": [[s["t"], s["rss_kib"]] for s in samples]})
     counts: Counter[str] = Counter()
     client_errors: Counter[str] = Counter()
     latency: list[float] = []
