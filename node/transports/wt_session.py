@@ -392,3 +392,4 @@ class WebTransportSession:
                     break
         finally:
             await node.close_peer(peer, self.why or "session task ended")
+            self.peer = None  # break the session <-> peer cycle: freed at once, not by the GC
