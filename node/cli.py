@@ -9,6 +9,7 @@ import logging
 import re
 import signal
 import sys
+import time
 
 from node import __version__
 from node.config import ConfigError, Settings, load
@@ -49,7 +50,7 @@ class RedactSecrets(logging.Filter):
 def setup_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter = LogfmtFormatter()
-    formatter.converter = __import__("time").gmtime
+    formatter.converter = time.gmtime  # the "Z" in the timestamps
     handler.setFormatter(formatter)
     handler.addFilter(RedactSecrets())
     root = logging.getLogger()
