@@ -80,7 +80,8 @@ def supervise(settings: Settings, workers: int, env_file: str) -> int:
             signum = signal.SIGTERM
         pending.append(signum)
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    # SIGHUP too: each worker reloads PUBLIC_KEYS_FILE (unhandled, it would end the supervisor).
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
         signal.signal(signum, forward)
     write_pid_file(pid_path)
     log.info("supervisor pid=%d workers=%d port=%d pid_file=%s", os.getpid(), workers, port,

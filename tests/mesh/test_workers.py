@@ -84,10 +84,15 @@ async def test_workers_share_the_port_and_meet_through_the_mesh(
         wait_sync(lambda: (tmp_path / "prscd.pid.0").exists()
                   and int((tmp_path / "prscd.pid.0").read_text() or 0) not in (0, worker0),
                   20, "worker 0 to be restarted")
+        # SIGHUP reaches the workers (each reloads its keys) and the supervisor survives it.
+        proc.send_signal(signal.SIGHUP)
+        wait_sync(lambda: health(port)["status"] == "ok", 10, "workers still serving")
+        assert proc.poll() is None
         # SIGTERM to the supervisor stops every worker and removes the pid files.
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out[-2000:]
+        assert out.count(b"SIGHUP: no PUBLIC_KEYS_FILE to reload") == 2, out[-3000:]
         assert not port_open(port)
         assert not pid_file.exists() and not (tmp_path / "prscd.pid.1").exists()
     finally:
