@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import urllib.error
+import urllib.request
 from typing import Any
 
 import msgpack
@@ -79,3 +81,18 @@ async def still_served(node: RunningNode, channel: str = "canary") -> None:
     assert got["p"] == "canary-a" and got["t"] == "data"
     await a.close()
     await b.close()
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """A plain GET (the node's TLS certificate not verified); HTTP errors are answers too."""
+    ctx = insecure() if url.startswith("https") else None
+    try:
+        with urllib.request.urlopen(url, context=ctx, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+async def get(url: str) -> tuple[int, dict[str, str], bytes]:
+    """http_get off the event loop (the node under test runs on it)."""
+    return await asyncio.to_thread(http_get, url)

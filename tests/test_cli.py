@@ -16,9 +16,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.helpers import data_frame, insecure, join_frame, recv
+from tests.helpers import data_frame, get, insecure, join_frame, recv
 from tests.mesh_helpers import free_port
-from tests.test_websocket import get
 
 PRSCD = [sys.executable, "-m", "node"]
 

@@ -7,7 +7,6 @@ import json
 import ssl
 import struct
 import time
-import urllib.request
 from http import HTTPStatus
 
 import msgpack
@@ -20,6 +19,7 @@ from tests.helpers import (
     barrier,
     control,
     data_frame,
+    get,
     insecure,
     join_frame,
     joined,
@@ -28,20 +28,6 @@ from tests.helpers import (
     recv,
     still_served,
 )
-
-
-def http_get(url: str) -> tuple[int, dict[str, str], bytes]:
-    ctx = insecure() if url.startswith("https") else None
-    try:
-        with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
-
-
-async def get(url: str) -> tuple[int, dict[str, str], bytes]:
-    return await asyncio.to_thread(http_get, url)
-
 
 # -- HTTP endpoints ----------------------------------------------------------------
 

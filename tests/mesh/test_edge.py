@@ -11,25 +11,21 @@ import asyncio
 import contextlib
 import json
 import signal
-import ssl
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import NodeFactory, RunningNode
+from tests.helpers import get, http_get
 from tests.mesh.conftest import PuppetFactory
 from tests.mesh_helpers import NatsServer, wait_until
 
 
 def ready(port: int) -> bool:
-    ctx = ssl._create_unverified_context()
     try:
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/ready", context=ctx,
-                                    timeout=1) as reply:
-            return reply.status == 200
-    except OSError:
+        return http_get(f"https://127.0.0.1:{port}/ready", timeout=1)[0] == 200
+    except OSError:  # refused: the node is gone
         return False
 
 
@@ -150,24 +146,15 @@ async def test_drain_moves_a_real_client_to_the_next_region(
 
 async def test_every_http_answer_names_the_region(node_factory: NodeFactory) -> None:
     node = await node_factory(MESH_ID="ap-south")
-    ctx = ssl._create_unverified_context()
-
-    def mesh_header(path: str) -> str:
-        try:
-            with urllib.request.urlopen(f"https://127.0.0.1:{node.port}{path}", context=ctx,
-                                        timeout=3) as reply:
-                return reply.headers["X-Prscd-MeshID"]
-        except urllib.error.HTTPError as err:
-            return err.headers["X-Prscd-MeshID"]
-
     for path in ("/health", "/ready", "/v1/nodes", "/metrics", "/cert-hash", "/nope"):
-        assert await asyncio.to_thread(mesh_header, path) == "ap-south", path
+        _, headers, _ = await get(f"https://127.0.0.1:{node.port}{path}")
+        assert headers["X-Prscd-MeshID"] == "ap-south", path
 
 
 async def test_node_directory_lists_live_nodes_and_drops_a_dead_one(cluster: Any) -> None:
     def directory(region: str) -> list[dict[str, Any]]:
         url = f"https://127.0.0.1:{cluster.port(region, 'node')}/v1/nodes"
-        return http_json_insecure(url)["nodes"]
+        return json.loads(http_get(url)[2])["nodes"]
 
     await wait_until(lambda: len(directory("us-east")) == 3, 10, "three nodes listed")
     nodes = directory("us-east")
@@ -183,9 +170,3 @@ async def test_node_directory_lists_live_nodes_and_drops_a_dead_one(cluster: Any
     cluster.start_node("ap-south")
     cluster.wait_nodes(regions=["ap-south"])
     await wait_until(lambda: len(directory("eu-west")) == 3, 10, "the new process listed")
-
-
-def http_json_insecure(url: str) -> Any:
-    ctx = ssl._create_unverified_context()
-    with urllib.request.urlopen(url, context=ctx, timeout=2) as reply:
-        return json.loads(reply.read())
