@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote
 
 import msgpack
 
@@ -181,6 +182,16 @@ def encode_data(channel: str, event: str, data_json: str, p: str | None = None) 
     """A ``data`` frame as the client's ``channel.subscribe(event)`` reads it."""
     pl = msgpack.packb({"event": event, "data": data_json}, use_bin_type=True)
     return encode(Signalling(t=DATA, c=channel, p=p, pl=pl))
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """The connection URL's query: percent-decoded, but '+' kept (the client does not
+    encode ids, and ``peer_offline`` must match the id exactly); the first value wins."""
+    params: dict[str, str] = {}
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        params.setdefault(unquote(key), unquote(value))
+    return params
 
 
 def check_client_id(raw: str) -> str:

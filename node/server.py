@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction, event_subject, new_node_id
 from mesh.bus import Bus, EmbeddedBus
@@ -49,15 +48,6 @@ class Admission:
     reason: str = ""
     client_id: str = ""
     app: str = ""
-
-
-def parse_query(query: str) -> dict[str, str]:
-    """Percent-decode (but keep '+': the client does not encode ids); first value wins."""
-    params: dict[str, str] = {}
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        params.setdefault(unquote(key), unquote(value))
-    return params
 
 
 def make_bus(settings: Settings) -> Bus:
@@ -105,7 +95,7 @@ class Node:
     # -- what transports call ------------------------------------------------
 
     async def admit(self, query: str, transport: str) -> Admission:
-        params = parse_query(query)
+        params = protocol.parse_query(query)
         publickey, raw_id = params.get("publickey", ""), params.get("id", "")
         if not publickey:
             return Admission(HTTPStatus.UNAUTHORIZED, "missing publickey")
