@@ -96,7 +96,7 @@ def _report(what: str, samples: list[float]) -> None:
 
 def _ports() -> Ports:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tests.mesh_helpers import free_port_block
+    from testkit.net import free_port_block
 
     base = free_port_block(12)
     return Ports(base, base + 3, base + 6, base + 9)

@@ -332,7 +332,7 @@ class Fault:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from infra.cluster import Cluster, Ports
-    from tests.mesh_helpers import free_port_block
+    from testkit.net import free_port_block
 
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="prscd-soak-"))
     out_dir.mkdir(parents=True, exist_ok=True)

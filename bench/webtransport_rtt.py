@@ -24,8 +24,9 @@ from websockets.asyncio.client import connect
 from node.config import Settings
 from node.server import Node
 from node.tls import ensure_certificate
-from tests.helpers import control, data_frame, insecure, join_frame
-from tests.wt_client import WTClient, wt_connect
+from testkit.frames import control, data_frame, join_frame
+from testkit.net import insecure
+from testkit.wt_client import WTClient, wt_connect
 
 
 def summary(samples: list[float]) -> dict[str, float]:

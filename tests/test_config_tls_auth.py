@@ -14,6 +14,8 @@ from node.auth import Auth, AuthError, fingerprint
 from node.config import ConfigError, Settings
 from node.tls import ensure_certificate
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults() -> None:
     s = Settings.from_env({})

@@ -4,11 +4,14 @@ answers the server asks for, channel and connection limits."""
 from __future__ import annotations
 
 import msgpack
+import pytest
 
 from node.config import Settings
 from node.limits import CLOSE_LIMIT, CLOSE_POLICY, DROP, OK, Guard, Refusal
 from node.presence import Peer, Presence
 from node.protocol import Signalling
+
+pytestmark = pytest.mark.unit
 
 DATA = Signalling(t="data", c="room", pl=msgpack.packb({"event": "e", "data": "1"}))
 STATE = Signalling(t="control", op="peer_state", c="room", pl=msgpack.packb({}))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 
 from node import protocol
 from node.presence import Deliver, Interest, Peer, Presence, Publish, local_peers
 from node.protocol import Signalling
+
+pytestmark = pytest.mark.unit
 
 
 def sig(op: str | None, c: str = "room", pl: bytes | None = None) -> Signalling:

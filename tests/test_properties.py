@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -23,6 +24,8 @@ from hypothesis.stateful import (
 from node import protocol
 from node.presence import Deliver, Interest, Peer, Presence, Publish
 from node.protocol import ProtocolError, Signalling
+
+pytestmark = pytest.mark.unit
 
 # -- the decoder -------------------------------------------------------------------
 

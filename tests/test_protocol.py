@@ -8,6 +8,8 @@ import pytest
 from node import protocol
 from node.protocol import ProtocolError, Signalling
 
+pytestmark = pytest.mark.unit
+
 
 def pack(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)

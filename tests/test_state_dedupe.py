@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node import protocol
 from node.presence import Deliver, Peer, Presence, Publish
 from node.protocol import Signalling
+
+pytestmark = pytest.mark.unit
 
 CH = "room"
 

@@ -8,6 +8,8 @@ from opentelemetry.trace import SpanKind
 
 from mesh.tracing import Tracing, make_sampler, resolve_endpoint
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(("given", "extra", "want", "noted"), [
     ("", {}, "", False),

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mesh.bus import CONNECTED, RECONNECTING, BusMessage, EmbeddedBus
 from mesh.liveness import Liveness, heartbeat_subject
+
+pytestmark = pytest.mark.unit
 
 
 class Clock:

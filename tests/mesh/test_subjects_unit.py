@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mesh.bridge import TAG_PEER, channel_subject, event_subject, token
 from mesh.bus import subject_matches
 from mesh.liveness import ALL_NODES, heartbeat_subject
+
+pytestmark = pytest.mark.unit
 
 NAMES = [">", "*", "a.b", "a b", "a\tb", "ünïcødé", "😀", "room", "ROOM", "a-b_c", "~x",
          "a.>", "*.*", "", ".", "..", "$SYS", "x" * 128]
