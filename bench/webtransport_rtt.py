@@ -21,8 +21,8 @@ from typing import Any
 
 from websockets.asyncio.client import connect
 
+from node.app import App
 from node.config import Settings
-from node.server import Node
 from node.tls import ensure_certificate
 from testkit.frames import control, data_frame, join_frame
 from testkit.net import insecure
@@ -84,7 +84,7 @@ async def main(pings: int, size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env({"PORT": "0", "HOST": "127.0.0.1", "WEBTRANSPORT": "true",
                                       "PID_FILE": f"{tmp}/pid", "CERT_CACHE_DIR": tmp})
-        node = Node(settings, ensure_certificate("", "", Path(tmp)))
+        node = App(settings, ensure_certificate("", "", Path(tmp)))
         await node.start()
         try:
             await webtransport(node.port, 50, size)  # warm-up

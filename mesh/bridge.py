@@ -20,7 +20,7 @@ import base64
 import logging
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgpack
@@ -119,7 +119,7 @@ class StreamFunction:
     """Receives other nodes' events for the channels this node has peers in."""
 
     def __init__(self, bus: Bus, node_id: str, name: str,
-                 on_event: Callable[[MeshEvent], None]) -> None:
+                 on_event: Callable[[MeshEvent], Awaitable[None]]) -> None:
         self.bus, self.node_id, self.name = bus, node_id, name
         self.on_event = on_event
         self.received = 0
@@ -170,7 +170,7 @@ class StreamFunction:
             self.echoes += 1
             return
         self.received += 1
-        self.on_event(MeshEvent(sig, node, tag, message))
+        await self.on_event(MeshEvent(sig, node, tag, message))
 
     async def close(self) -> None:
         await self.settled()

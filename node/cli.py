@@ -62,8 +62,8 @@ def setup_logging(debug: bool) -> None:
 
 
 async def run_node(settings: Settings) -> int:
-    from node.inspect import install_signal_handlers, remove_pid_file, write_pid_file
-    from node.server import Node
+    from node.app import App
+    from node.introspect import install_signal_handlers, remove_pid_file, write_pid_file
     from node.tls import ensure_certificate
 
     cert = None
@@ -75,30 +75,30 @@ async def run_node(settings: Settings) -> int:
                  cert.spki_sha256_b64)
     else:
         log.warning("TLS is off: serve behind a TLS-terminating proxy only")
-    node = Node(settings, cert)
+    app = App(settings, cert)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    install_signal_handlers(loop, node)
-    await node.start()
+    install_signal_handlers(loop, app.node)
+    await app.start()
     pid_path = settings.pid_path()
     write_pid_file(pid_path)
     scheme = "https" if cert else "http"
     log.info("listening url=%s://127.0.0.1:%d/v1 health=%s://127.0.0.1:%d/health pid_file=%s",
-             scheme, node.port, scheme, node.port, pid_path)
+             scheme, app.port, scheme, app.port, pid_path)
     try:
         await stop.wait()
         if settings.drain_seconds > 0:
             # Behind Anycast / Geo-DNS: fail health checks first, keep serving while the
             # balancer moves traffic away; a second signal cuts the drain short.
-            node.begin_drain()
+            app.node.begin_drain()
             stop.clear()
             log.info("signal received: draining for %.1f s", settings.drain_seconds)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.drain_seconds)
         log.info("stopping: closing peers with 1001")
-        await asyncio.wait_for(node.stop(), timeout=4.5)
+        await asyncio.wait_for(app.stop(), timeout=4.5)
     except TimeoutError:
         log.error("stop took longer than 4.5 s: exiting anyway")
     finally:

@@ -19,36 +19,30 @@
   page hanging silently, a close is seen (``presence.on('closed')``, the close event's
   reason) and, being >= 4000, is not retried in a loop by the client.
 * **Connections** per node process: past ``MAX_CONNECTIONS`` the handshake answers 503.
+* **Write backlog**: a peer with more than ``WRITE_BUFFER_LIMIT`` bytes queued towards it
+  (its transport reports the backlog) is closed with 1008 rather than buffered for without
+  bound; it goes offline for everyone at once.
+
+Every close decided here is a :class:`~node.presence.Close` naming a
+:class:`~node.protocol.Fault` (the close-code table).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from node import protocol
+from node.presence import Close
+from node.protocol import Fault
 
 if TYPE_CHECKING:
     from node.config import Settings
     from node.presence import Peer, Presence
     from node.protocol import Signalling
 
-#: Close codes (WebSocket close frame / WebTransport close capsule).
-CLOSE_POLICY: Final = 1008  # rate flood: a policy violation; the client may reconnect
-CLOSE_LIMIT: Final = 4008  # a join over a limit: >= 4000, so the real client does not retry
-
 OK: Final = 0
 DROP: Final = 1
 FLOOD: Final = 2
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Close the connection with ``code`` and ``reason``; ``counter`` names the drop."""
-
-    code: int
-    reason: str
-    counter: str
 
 
 class Bucket:
@@ -89,6 +83,7 @@ class Guard:
         self.max_channels = settings.max_channels_per_peer
         self.max_members = settings.max_peers_per_channel
         self.max_connections = settings.max_connections
+        self.write_buffer_limit = settings.write_buffer_limit
         #: At most this much credit is held for answers (a join storm in a full channel).
         self.credit_cap = 4 * max(self.max_members, 64)
         self.buckets: dict[str, Bucket] = {}
@@ -110,8 +105,8 @@ class Guard:
 
     # -- frames ------------------------------------------------------------------------
 
-    def check(self, peer: Peer, sig: Signalling, now: float) -> Refusal | int:
-        """OK, DROP (count and ignore), or a :class:`Refusal` (close the connection)."""
+    def check(self, peer: Peer, sig: Signalling, now: float) -> Close | int:
+        """OK, DROP (count and ignore), or a :class:`Close` of the connection."""
         if self.rate and (bucket := self.buckets.get(peer.sid)) is not None:
             op = sig.op
             if op == protocol.PEER_STATE and bucket.state_credit:
@@ -121,8 +116,7 @@ class Guard:
             else:
                 verdict = bucket.take(self.rate, self.burst, now)
                 if verdict == FLOOD:
-                    return Refusal(CLOSE_POLICY, f"message rate over {self.rate:g}/s",
-                                   "rate_flood")
+                    return Close(peer, Fault.RATE_FLOOD, f"message rate over {self.rate:g}/s")
                 if verdict == DROP:
                     return DROP
         if sig.op == protocol.CHANNEL_JOIN:
@@ -145,17 +139,23 @@ class Guard:
         if channel is not None:
             self.asked_state([p for p in channel.peers.values() if p is not sender])
 
-    def _check_join(self, peer: Peer, name: str) -> Refusal | int:
+    def _check_join(self, peer: Peer, name: str) -> Close | int:
         if self.max_channels and len(peer.channels) >= self.max_channels:
-            return Refusal(CLOSE_LIMIT, f"too many channels: at most {self.max_channels} "
-                           "per connection", "too_many_channels")
+            return Close(peer, Fault.TOO_MANY_CHANNELS,
+                         f"too many channels: at most {self.max_channels} per connection")
         if self.max_members:
             realm = self.presence.realms.get(peer.app)
             channel = realm.channels.get(name) if realm is not None else None
             if channel is not None and len(channel.peers) >= self.max_members:
-                return Refusal(CLOSE_LIMIT, f"channel full: at most {self.max_members} "
-                               "peers per channel on this node", "channel_full")
+                return Close(peer, Fault.CHANNEL_FULL, f"channel full: at most "
+                             f"{self.max_members} peers per channel on this node")
         return OK
+
+    def backlog(self, peer: Peer, queued: int) -> Close | None:
+        """``queued`` bytes wait to be sent to ``peer`` (beyond what the kernel holds)."""
+        if self.write_buffer_limit and queued > self.write_buffer_limit:
+            return Close(peer, Fault.SLOW_READER, f"slow reader: {queued} bytes queued")
+        return None
 
     def asked_state(self, peers: tuple[Peer, ...] | list[Peer]) -> None:
         """These peers were sent a ``peer_online``: each Channel object answers with a

@@ -6,7 +6,8 @@ nodes told us about (so their offline events can be synthesised when a node dies
 A *peer* is one connection: two tabs with the same client id are two peers.
 
 The rules take a message and return what must happen, as small action objects; the
-server carries them out. Nothing here reads a clock, a socket or the environment.
+node carries them out. Nothing here reads a clock, a socket or the environment, and
+no peer holds a transport handle: the node keeps the sid -> link map.
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from node import protocol
-from node.protocol import Signalling
+from node.protocol import Fault, Signalling
 
 
 @dataclass(eq=False, slots=True)
 class Peer:
-    """One connection. ``link`` is the transport adapter's handle, opaque here."""
+    """One connection (``transport`` names its kind: "websocket" or "webtransport")."""
 
     sid: str
     client_id: str
     app: str
     transport: str
-    link: Any = None
     channels: set[str] = field(default_factory=set)
     rtt_ms: float | None = None
 
@@ -57,7 +57,17 @@ class Interest:
     active: bool
 
 
-Action = Deliver | Publish | Interest
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ``peer`` with ``fault``'s code and ``reason``; it goes offline for everyone
+    at once, whatever its transport still has to flush."""
+
+    peer: Peer
+    fault: Fault
+    reason: str
+
+
+Action = Deliver | Publish | Interest | Close
 
 
 #: Who sent a ``peer_state``: a local sid, or (node id, sid) for a member on another node.

@@ -18,6 +18,7 @@ has been checked to be something the client can read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -44,8 +45,46 @@ MAX_CLIENT_ID_BYTES: Final = 128
 MAX_PAYLOAD_DEPTH: Final = 32
 
 
+#: Close codes: a WebSocket close frame's code, and the 32-bit code of a WebTransport
+#: CLOSE_WEBTRANSPORT_SESSION capsule (one vocabulary on both transports). The real client
+#: reconnects after 1001-3999 and 1006, never after 1000 or >= 4000 (docs/client.md).
+CLOSE_GOING_AWAY: Final = 1001
+
+
+class Fault(Enum):
+    """Why the node closes a peer: the close code it sends and the drop counter.
+
+    The one close-code table. The rules (decode, limits) and the transports (a text
+    frame, a ping timeout, a write backlog) name a fault; the node closes the peer with
+    its code on whichever transport it uses, and counts it under ``dropped.<counter>``.
+    """
+
+    TEXT_FRAME = (1003, "text_frame")  # binary frames only
+    INVALID = (1007, "invalid")  # a message the rules refuse; the reason says which
+    RATE_FLOOD = (1008, "rate_flood")  # over twice RATE_LIMIT for a while
+    SLOW_READER = (1008, "slow_reader")  # more than WRITE_BUFFER_LIMIT bytes queued
+    TOO_BIG = (1009, "too_big")  # a message over MAX_MESSAGE_SIZE
+    PING_TIMEOUT = (1011, "ping_timeout")  # no pong within PING_TIMEOUT
+    INTERNAL = (1011, "internal_error")  # a bug: the peer may reconnect
+    OVERLOADED = (1013, "wt_backlog")  # sends on a stream faster than the node handles
+    TOO_MANY_CHANNELS = (4008, "too_many_channels")  # >= 4000: the client does not retry
+    CHANNEL_FULL = (4008, "channel_full")
+
+    def __init__(self, code: int, counter: str) -> None:
+        self.code = code
+        self.counter = counter
+
+
 class ProtocolError(ValueError):
     """A frame the server refuses; ``str(err)`` is the reason sent to the peer."""
+
+    fault: Fault = Fault.INVALID
+
+
+class MessageTooBig(ProtocolError):
+    """A message larger than MAX_MESSAGE_SIZE (found while reading a stream)."""
+
+    fault = Fault.TOO_BIG
 
 
 @dataclass(frozen=True, slots=True)

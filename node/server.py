@@ -1,9 +1,12 @@
-"""The node: wires transports, the presence rules and the mesh; start, drain, stop.
+"""The node: carries out what the rules return, for local peers and for the mesh.
 
-Transports call four methods: :meth:`Node.admit` (may this URL connect?),
-:meth:`Node.open_peer`, :meth:`Node.receive` (one frame) and :meth:`Node.close_peer`.
-Everything a frame causes comes back from :mod:`node.presence` as actions, carried
-out here: deliver bytes to local peers, publish to the mesh, change bus interest.
+Transports reach it through :class:`node.ports.Peers` (admit, open, receive, fault,
+backlog, closed); the endpoints through :class:`node.ports.Status`. Everything a frame
+causes comes back from the rules (:mod:`node.protocol`, :mod:`node.limits`,
+:mod:`node.presence`) as actions, carried out in one pass by :meth:`Node._execute`:
+deliver bytes to local peers' links, publish to the mesh, change bus interest, close a
+peer. The node keeps the sid -> link map; the rules never see a transport. Tracing wraps
+this path (:mod:`node.hops`); it does not fork it. :mod:`node.app` builds and wires it.
 """
 
 from __future__ import annotations
@@ -14,85 +17,65 @@ import itertools
 import logging
 import resource
 import time
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any
 
-from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction, event_subject, new_node_id
-from mesh.bus import Bus, EmbeddedBus
+from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction
+from mesh.bus import Bus
 from mesh.liveness import Liveness
-from mesh.tracing import CONSUMER, PRODUCER, SERVER, Tracing, make_tracing
+from mesh.tracing import Tracing
 from node import __version__, protocol
 from node.auth import Auth, AuthError, AuthUnavailable
 from node.config import Settings
-from node.limits import Guard, Refusal
-from node.presence import Deliver, Interest, Peer, Presence, Publish
+from node.hops import Hops
+from node.limits import Guard
+from node.ports import Admission, Link
+from node.presence import Action, Close, Deliver, Interest, Peer, Presence, Publish
+from node.protocol import Fault, ProtocolError
 from node.tls import CertInfo
 
 log = logging.getLogger("prscd.node")
 
 
-class Link(Protocol):
-    transport: str
-
-    def send(self, frame: bytes) -> bool: ...
-
-    def close(self, code: int, reason: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The verdict on a connection URL: 101 with an identity, or an HTTP error."""
-
-    status: int
-    reason: str = ""
-    client_id: str = ""
-    app: str = ""
-
-
-def make_bus(settings: Settings) -> Bus:
-    if settings.nats_url:
-        from mesh.nats import NatsBus  # imported only when the mesh is configured
-
-        return NatsBus(settings)
-    return EmbeddedBus()
-
-
 class Node:
-    def __init__(self, settings: Settings, cert: CertInfo | None = None,
-                 bus: Bus | None = None, span_exporter: Any = None) -> None:
+    def __init__(self, settings: Settings, *, node_id: str, bus: Bus, tracing: Tracing,
+                 auth: Auth, cert: CertInfo | None = None) -> None:
         self.settings = settings
         self.cert = cert
-        self.node_id = new_node_id(settings.mesh_id)
-        #: ``tracing.enabled`` False (no endpoint) = one attribute check per frame, no spans.
-        self.tracing: Tracing = make_tracing(settings, self.node_id, span_exporter)
+        self.node_id = node_id
+        self.bus = bus
+        self.tracing = tracing
+        self.auth = auth
+        self.hops = Hops(tracing, bus_kind=bus.kind, mesh_id=settings.mesh_id, node_id=node_id)
         self.presence = Presence(settings.mesh_id, dedupe_state=settings.dedupe_peer_state)
-        self.auth = Auth.from_settings(settings)
         self.guard = Guard(settings, self.presence)
-        self.bus = bus or make_bus(settings)
-        self.source = Source(self.bus, settings.mesh_id, self.node_id, settings.sndr_name)
-        self.stream_function = StreamFunction(
-            self.bus, self.node_id, settings.rcvr_name, self._on_mesh_event
-        )
+        #: sid -> the transport's link to that peer; a peer is open while it is here.
+        self.links: dict[str, Link] = {}
+        self.source = Source(bus, settings.mesh_id, node_id, settings.sndr_name)
+        self.stream_function = StreamFunction(bus, node_id, settings.rcvr_name,
+                                              self._on_mesh_event)
         self.liveness = Liveness(
-            self.bus, self.node_id, settings.mesh_id,
+            bus, node_id, settings.mesh_id,
             interval=settings.heartbeat_interval, timeout=settings.node_timeout,
             public_url=settings.public_url,
-            stats=lambda: {"peers": len(self.presence.peers),
+            stats=lambda: {"peers": len(self.links),
                            "channels": self.presence.channel_count(),
                            "ready": self.readiness()[0], "version": __version__},
             on_down=self._on_node_down, on_resync=self._schedule_resync,
         )
         self._resync: asyncio.TimerHandle | None = None
         self._sids = itertools.count(1)
+        #: Offline events of peers closed from a callback (a backlog, a fault).
+        self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.monotonic()
         self.draining = False
-        self.transports: list[Any] = []
-        self.addresses: list[tuple[str, int]] = []
-        self.port = settings.port
         self.delivered = 0
 
-    # -- what transports call ------------------------------------------------
+    @property
+    def mesh_id(self) -> str:
+        return self.settings.mesh_id
+
+    # -- Peers: what transports call ------------------------------------------
 
     async def admit(self, query: str, transport: str) -> Admission:
         params = protocol.parse_query(query)
@@ -103,7 +86,7 @@ class Node:
             return Admission(HTTPStatus.UNAUTHORIZED, "missing id")
         try:
             client_id = protocol.check_client_id(raw_id)
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             return Admission(HTTPStatus.BAD_REQUEST, f"bad id: {exc}")
         if self.draining:
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "node is draining")
@@ -120,14 +103,10 @@ class Node:
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "cannot check the publickey now")
         return Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", client_id, app)
 
-    def open_peer(self, admission: Admission, transport: str, link: Link) -> Peer:
-        peer = Peer(
-            sid=f"{next(self._sids):x}",
-            client_id=admission.client_id,
-            app=admission.app,
-            transport=transport,
-            link=link,
-        )
+    def open(self, admission: Admission, transport: str, link: Link) -> Peer:
+        peer = Peer(sid=f"{next(self._sids):x}", client_id=admission.client_id,
+                    app=admission.app, transport=transport)
+        self.links[peer.sid] = link
         self.presence.connect(peer)
         self.guard.opened(peer, time.monotonic())
         log.info("peer open sid=%s id=%s app=%s transport=%s",
@@ -135,142 +114,122 @@ class Node:
         return peer
 
     async def receive(self, peer: Peer, frame: bytes) -> None:
-        """Handle one frame; raises ProtocolError for the transport to close on."""
-        if peer.sid not in self.presence.peers:
-            self.count_drop("after_close")  # closed by a limit; the socket is closing
+        if peer.sid not in self.links:
+            self.count_drop("after_close")  # closed already; the connection is closing
             return
-        sig = protocol.decode(frame)
+        try:
+            sig = protocol.decode(frame)
+        except ProtocolError as exc:
+            await self._execute([Close(peer, exc.fault, str(exc))])
+            return
         verdict = self.guard.check(peer, sig, time.monotonic())
         if verdict:
-            if isinstance(verdict, Refusal):
-                await self.refuse(peer, verdict)
+            if isinstance(verdict, Close):
+                await self._execute([verdict])
             else:
                 self.count_drop("rate_limited")
             return
         if self.settings.debug:
             log.debug("frame sid=%s id=%s t=%s op=%s c=%r bytes=%d",
                       peer.sid, peer.client_id, sig.t, sig.op, sig.c, len(frame))
-        if self.tracing.enabled:
-            await self._receive_traced(peer, sig, len(frame))
-            return
-        await self._execute(self.presence.handle(peer, sig))
+        with self.hops.receive(peer, sig, len(frame)):
+            await self._execute(self.hops.handle(self.presence.handle, peer, sig))
 
-    async def refuse(self, peer: Peer, refusal: Refusal) -> None:
-        """Close a peer over a limit now: others hear its offline at once."""
-        self.count_drop(refusal.counter)
-        log.warning("limit sid=%s id=%s code=%d reason=%s", peer.sid, peer.client_id,
-                    refusal.code, refusal.reason)
-        peer.link.close(refusal.code, refusal.reason)
-        await self.close_peer(peer, f"close code={refusal.code} reason={refusal.reason!r}")
+    def fault(self, peer: Peer, fault: Fault, reason: str) -> None:
+        self._close_soon(Close(peer, fault, reason))
 
-    async def close_peer(self, peer: Peer, why: str = "") -> None:
-        if peer.sid not in self.presence.peers:
-            return
+    def backlog(self, peer: Peer, queued: int) -> None:
+        close = self.guard.backlog(peer, queued)
+        if close is not None:
+            self._close_soon(close)
+
+    async def closed(self, peer: Peer, why: str) -> None:
+        if self.links.pop(peer.sid, None) is None:
+            return  # closed by the node already
         self.guard.closed(peer)
         channels = len(peer.channels)
-        if self.tracing.enabled:
-            with self.tracing.span("prscd.disconnect", SERVER, self._peer_attrs(peer)):
-                await self._execute(self.presence.disconnect(peer))
-        else:
+        with self.hops.disconnect(peer):
             await self._execute(self.presence.disconnect(peer))
-        log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id, channels, why)
+        log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id,
+                 channels, why)
 
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.presence.dropped[reason] += n
 
     # -- carrying out actions ------------------------------------------------
 
-    def _deliver(self, action: Deliver) -> None:
-        frame = action.frame
+    async def _execute(self, actions: list[Action]) -> int:
+        """Carry out the rules' actions in order; returns how many deliveries went out."""
         sent = 0
-        for peer in action.peers:
-            if peer.link.send(frame):
-                sent += 1
-        self.delivered += sent
-        if sent != len(action.peers):
-            self.count_drop("undeliverable", len(action.peers) - sent)
-
-    async def _execute(self, actions: list[Any]) -> None:
         for action in actions:
             if isinstance(action, Deliver):
-                self._deliver(action)
+                sent += self._deliver(action)
             elif isinstance(action, Publish):
-                if self.tracing.enabled:
-                    await self._publish_traced(action)
-                else:
-                    await self.source.publish(action.sig)
+                with self.hops.publish(action.sig) as headers:
+                    await self.source.publish(action.sig, headers=headers)
             elif isinstance(action, Interest):
                 self.stream_function.interest(action.app, action.channel, action.active)
                 if action.active:
                     # The bus has our interest before the joiner gets its ack, so the
                     # answers to its peer_online from other nodes cannot miss us.
                     await self.stream_function.settled()
+            elif self._shut(action):
+                await self.closed(action.peer, _why(action))
+        return sent
 
-    def _on_mesh_event(self, event: MeshEvent) -> None:
+    def _deliver(self, action: Deliver) -> int:
+        frame, links = action.frame, self.links
+        sent = 0
+        for peer in action.peers:
+            link = links.get(peer.sid)
+            if link is not None and link.send(frame):
+                sent += 1
+        self.delivered += sent
+        if sent != len(action.peers):
+            self.count_drop("undeliverable", len(action.peers) - sent)
+        return sent
+
+    def _shut(self, close: Close) -> bool:
+        """Count, log and close the link now (its offline events follow); False when
+        the peer is closed already."""
+        peer = close.peer
+        link = self.links.get(peer.sid)
+        if link is None:
+            return False
+        self.count_drop(close.fault.counter)
+        log.warning("closing sid=%s id=%s transport=%s code=%d reason=%s", peer.sid,
+                    peer.client_id, peer.transport, close.fault.code, close.reason)
+        link.close(close.fault.code, close.reason)
+        return True
+
+    def _close_soon(self, close: Close) -> None:
+        """From a transport callback: the link closes now, the offline events next."""
+        if self._shut(close):
+            self._spawn(self.closed(close.peer, _why(close)))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_mesh_event(self, event: MeshEvent) -> None:
         if event.tag == TAG_PEER:
             self.liveness.seen(event.node)
-        if event.sig.op == protocol.PEER_ONLINE:
-            self.guard.online(event.sig.app, event.sig.c)
-        if self.tracing.enabled:
-            self._dispatch_traced(event)
-            return
-        for action in self.presence.dispatch_remote(event.sig, event.node):
-            if isinstance(action, Deliver):
-                self._deliver(action)
+        sig = event.sig
+        if sig.op == protocol.PEER_ONLINE:
+            self.guard.online(sig.app, sig.c)
+        with self.hops.dispatch(event) as span:
+            sent = await self._execute(self.presence.dispatch_remote(sig, event.node))
+            span.set_attribute("prscd.delivered", sent)
 
     def _on_node_down(self, node: str, why: str) -> None:
         """Another node died or left: its members go offline for our peers."""
-        with self.tracing.span("liveness.node_down", attributes={
-                "prscd.dead_node_id": node, "prscd.reason": why}) as span:
-            actions = self.presence.node_down(node)
-            for action in actions:
-                if isinstance(action, Deliver):
-                    self._deliver(action)
-            span.set_attribute("prscd.delivered", _count(actions))
+        self._spawn(self._node_down(node, why))
 
-    # -- tracing: one trace per message, across nodes (mesh/tracing.py) ------
-
-    # The hop's identity (transport, peer, app, channel, op) is on the root span of each
-    # node; children carry only what is theirs: every attribute costs at 100% sampling.
-
-    def _peer_attrs(self, peer: Peer) -> dict[str, Any]:
-        return {"prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
-                "prscd.app": peer.app}
-
-    async def _receive_traced(self, peer: Peer, sig: protocol.Signalling, size: int) -> None:
-        attrs = {"prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
-                 "prscd.app": peer.app, "prscd.channel": sig.c,
-                 "prscd.op": sig.op or sig.t, "prscd.bytes": size}
-        with self.tracing.span("prscd.receive", SERVER, attrs):
-            with self.tracing.span("presence.handle") as span:
-                actions = self.presence.handle(peer, sig)
-                span.set_attribute("prscd.delivered", _count(actions))
-            await self._execute(actions)
-
-    async def _publish_traced(self, action: Publish) -> None:
-        sig = action.sig
-        subject = event_subject(sig.app or "", sig.c, TAG_PEER, self.settings.mesh_id,
-                                self.node_id)
-        attrs = {"messaging.system": self.bus.kind, "messaging.operation": "publish",
-                 "messaging.destination.name": subject}
-        with self.tracing.span("source.publish", PRODUCER, attrs):
-            await self.source.publish(sig, headers=self.tracing.inject())
-
-    def _dispatch_traced(self, event: MeshEvent) -> None:
-        sig = event.sig
-        attrs = {"messaging.system": self.bus.kind, "messaging.operation": "receive",
-                 "messaging.destination.name": event.message.subject,
-                 "prscd.origin.mesh_id": sig.mesh or "", "prscd.origin.node_id": event.node,
-                 "prscd.tag": event.tag, "prscd.app": sig.app or "", "prscd.channel": sig.c,
-                 "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""}
-        parent = self.tracing.extract(event.message.headers)
-        with (self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent),
-              self.tracing.span("presence.dispatch") as span):
-            actions = self.presence.dispatch_remote(sig, event.node)
-            for action in actions:
-                if isinstance(action, Deliver):
-                    self._deliver(action)
-            span.set_attribute("prscd.delivered", _count(actions))
+    async def _node_down(self, node: str, why: str) -> None:
+        with self.hops.node_down(node, why) as span:
+            sent = await self._execute(self.presence.node_down(node))
+            span.set_attribute("prscd.delivered", sent)
 
     def _schedule_resync(self, why: str) -> None:
         if self._resync is None:
@@ -286,13 +245,13 @@ class Node:
         self._resync = None
         n = 0
         for peer in list(self.presence.peers.values()):
-            if peer.channels:
+            link = self.links.get(peer.sid)
+            if peer.channels and link is not None:
                 self.guard.asked_announce(peer)
-                ack = protocol.encode_join_ack(min(peer.channels), self.settings.mesh_id)
-                n += int(peer.link.send(ack))
+                n += int(link.send(protocol.encode_join_ack(min(peer.channels), self.mesh_id)))
         log.info("resync: %d peers asked to re-announce (%s)", n, why)
 
-    # -- state for /health, /ready, /metrics and dumps -----------------------
+    # -- Status: what /health, /ready, /metrics and dumps read ----------------
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
@@ -301,15 +260,18 @@ class Node:
             return False, f"bus {self.bus.state}"
         return True, "ok"
 
+    def directory(self) -> list[dict[str, Any]]:
+        return self.liveness.directory()
+
     def health(self) -> dict[str, Any]:
         return {
             "status": "draining" if self.draining else "ok",
             "service": "prscd",
             "version": __version__,
-            "mesh_id": self.settings.mesh_id,
+            "mesh_id": self.mesh_id,
             "node_id": self.node_id,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
-            "peers": len(self.presence.peers),
+            "peers": len(self.links),
             "channels": self.presence.channel_count(),
             "realms": len(self.presence.realms),
             "bus": {"kind": self.bus.kind, "state": self.bus.state},
@@ -325,7 +287,7 @@ class Node:
             "gc_counts": gc.get_count(),
             "gc_collections": [g["collections"] for g in gc.get_stats()],
             "tasks": len(asyncio.all_tasks()),
-            "connections": len(self.presence.peers),
+            "connections": len(self.links),
             "handled": self.presence.handled,
             "delivered": self.delivered,
             "published": self.source.published,
@@ -336,7 +298,7 @@ class Node:
 
     def metrics_text(self) -> str:
         lines = [
-            f"prscd_peers {len(self.presence.peers)}",
+            f"prscd_peers {len(self.links)}",
             f"prscd_channels {self.presence.channel_count()}",
             f"prscd_frames_handled_total {self.presence.handled}",
             f"prscd_frames_delivered_total {self.delivered}",
@@ -349,52 +311,31 @@ class Node:
                   for r, n in sorted(self.presence.dropped.items())]
         return "\n".join(lines) + "\n"
 
-    # -- lifecycle -----------------------------------------------------------
+    # -- lifecycle (node/app.py calls these in order) -------------------------
 
     async def start(self) -> None:
-        from node.tls import server_context
-        from node.transports.websocket import WebSocketTransport
-
-        await self.bus.connect()
+        """Join the mesh (the bus is connected): heartbeats and node liveness."""
         await self.liveness.start()
-        ssl = server_context(self.cert) if (self.settings.tls and self.cert) else None
-        ws = WebSocketTransport(self)
-        self.addresses = await ws.start(self.settings.host, self.settings.port, ssl)
-        self.transports.append(ws)
-        self.port = self.addresses[0][1]
-        if self.settings.webtransport and ssl is not None and self.cert is not None:
-            # HTTP/3 needs TLS; it shares the port number (UDP) with the WebSocket server.
-            from node.transports.webtransport import WebTransportTransport
-
-            wt = WebTransportTransport(self)
-            self.addresses += await wt.start(self.settings.host, self.port, self.cert)
-            self.transports.append(wt)
-        log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s",
-                 self.node_id, self.settings.mesh_id, self.port, ssl is not None, self.bus.kind)
 
     def begin_drain(self) -> None:
         """Fail /ready and refuse new peers at once; existing peers are still served."""
         if not self.draining:
             self.draining = True
-            log.info("draining peers=%d: /ready answers 503", len(self.presence.peers))
+            log.info("draining peers=%d: /ready answers 503", len(self.links))
 
     async def stop(self) -> None:
-        """Stop accepting, close peers with 1001 (their offline events go out), leave the bus."""
+        """After the listeners closed: the peers left go offline, then leave the mesh."""
         self.draining = True
-        for transport in self.transports:
-            await transport.close()
         for peer in list(self.presence.peers.values()):
-            await self.close_peer(peer, "node stopping")
+            await self.closed(peer, "node stopping")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.liveness.stop()
         await self.stream_function.close()
-        await self.bus.close()
-        await self.tracing.aclose()
-        log.info("node stopped node_id=%s", self.node_id)
 
 
-def _count(actions: list[Any]) -> int:
-    """Peers the actions deliver to (a span attribute)."""
-    return sum(len(a.peers) for a in actions if isinstance(a, Deliver))
+def _why(close: Close) -> str:
+    return f"close code={close.fault.code} reason={close.reason!r}"
 
 
 def _rss_kib() -> int:

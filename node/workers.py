@@ -26,7 +26,7 @@ import sys
 import time
 
 from node.config import Settings
-from node.inspect import remove_pid_file, write_pid_file
+from node.introspect import remove_pid_file, write_pid_file
 
 log = logging.getLogger("prscd.workers")
 

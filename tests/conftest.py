@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from node.app import App
 from node.config import Settings
 from node.server import Node
 from node.tls import CertInfo, ensure_certificate
@@ -17,11 +18,15 @@ from node.tls import CertInfo, ensure_certificate
 
 @dataclass
 class RunningNode:
-    node: Node
+    app: App
+
+    @property
+    def node(self) -> Node:
+        return self.app.node
 
     @property
     def port(self) -> int:
-        return self.node.port
+        return self.app.port
 
     @property
     def url(self) -> str:
@@ -64,21 +69,21 @@ async def node_factory(dev_cert: CertInfo, tmp_path: Path) -> AsyncIterator[Node
 
     Keys are environment names, parsed by the real Settings.from_env.
     """
-    started: list[Node] = []
+    started: list[App] = []
 
     async def start(span_exporter: Any = None, **env: Any) -> RunningNode:
         base = {"PORT": "0", "HOST": "127.0.0.1", "PING_INTERVAL": "10",
                 "PID_FILE": str(tmp_path / "prscd.pid"), "CERT_CACHE_DIR": str(tmp_path)}
         base.update({k: str(v) for k, v in env.items()})
         settings = Settings.from_env(base)
-        node = Node(settings, dev_cert if settings.tls else None, span_exporter=span_exporter)
-        await node.start()
-        started.append(node)
-        return RunningNode(node)
+        app = App(settings, dev_cert if settings.tls else None, span_exporter=span_exporter)
+        await app.start()
+        started.append(app)
+        return RunningNode(app)
 
     yield start
-    for node in reversed(started):
-        await node.stop()
+    for app in reversed(started):
+        await app.stop()
 
 
 @pytest.fixture

@@ -144,7 +144,7 @@ async def test_image_healthcheck_command_passes_on_a_live_node(node_factory: Nod
     env = {**os.environ, "PORT": str(node.port)}
     proc = await asyncio.create_subprocess_exec(*healthcheck_argv(), env=env)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
-    await node.node.stop()
+    await node.app.stop()
     proc = await asyncio.create_subprocess_exec(*healthcheck_argv(), env=env,
                                                 stderr=asyncio.subprocess.DEVNULL)
     assert await asyncio.wait_for(proc.wait(), 10) != 0

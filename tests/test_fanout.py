@@ -44,7 +44,7 @@ async def test_compressed_and_plain_peers_get_the_same_messages(
     sender = await joined(node, "room", "sender")
     zipped = await joined(node, "room", "zipped", compression="deflate")
     plain = await joined(node, "room", "plain", compression=None)
-    kinds = {p.client_id: type(p.link) for p in node.node.presence.peers.values()}
+    kinds = {p.client_id: type(node.node.links[p.sid]) for p in node.node.presence.peers.values()}
     assert kinds["zipped"] is CompressedLink and kinds["plain"] is WebSocketLink
     tasks = [asyncio.create_task(_collect(ws, 100)) for ws in (zipped, plain)]
     for i in range(100):
@@ -63,15 +63,16 @@ async def test_queued_frames_go_out_before_the_librarys_own_writes(
     ws.send(join_frame("room", "alice"))
     await ws.wait_count(1)
     (peer,) = node.node.presence.peers.values()
+    link = node.node.links[peer.sid]
     frame = protocol.encode_data("room", "m", '"first"', p="server")
-    assert peer.link.send(frame)  # queued for the end of this loop turn...
+    assert link.send(frame)  # queued for the end of this loop turn...
     if how == "close":
-        await peer.link.ws.close(1001, "bye")  # ...and the close frame must follow it
+        await link.ws.close(1001, "bye")  # ...and the close frame must follow it
         await asyncio.wait_for(ws.lost, 5)
         assert got[1:] == [frame] and ws.close_code == 1001
-        assert not peer.link.send(frame)  # closing: refused, never queued after the close
+        assert not link.send(frame)  # closing: refused, never queued after the close
     else:
-        pong = await peer.link.ws.ping(b"12345678")  # answered by WSPeer
+        pong = await link.ws.ping(b"12345678")  # answered by WSPeer
         await asyncio.wait_for(pong, 5)
         await ws.wait_count(2)
         assert got[1:] == [frame]

@@ -7,9 +7,9 @@ import msgpack
 import pytest
 
 from node.config import Settings
-from node.limits import CLOSE_LIMIT, CLOSE_POLICY, DROP, OK, Guard, Refusal
-from node.presence import Peer, Presence
-from node.protocol import Signalling
+from node.limits import DROP, OK, Guard
+from node.presence import Close, Peer, Presence
+from node.protocol import Fault, Signalling
 
 pytestmark = pytest.mark.unit
 
@@ -58,8 +58,9 @@ def test_over_twice_the_rate_for_a_while_is_a_flood_under_twice_is_not() -> None
     for _ in range(600):  # 30/s for 20 s
         t += 1 / 30
         results.append(g.check(peer, DATA, t))
-    flood = next(i for i, r in enumerate(results) if isinstance(r, Refusal))
-    assert isinstance(results[flood], Refusal) and results[flood].code == CLOSE_POLICY
+    flood = next(i for i, r in enumerate(results) if isinstance(r, Close))
+    assert isinstance(results[flood], Close) and results[flood].fault.code == 1008
+    assert results[flood].fault is Fault.RATE_FLOOD and results[flood].peer is peer
     assert "10/s" in results[flood].reason
     assert 1.5 < flood / 30 < 4  # about burst / (30 - 2*10) = 2 s after the burst ran out
     g2, p2 = guard(RATE_LIMIT="10", RATE_BURST="20")
@@ -68,7 +69,7 @@ def test_over_twice_the_rate_for_a_while_is_a_flood_under_twice_is_not() -> None
     for _ in range(600):  # 18/s: excess dropped, never closed
         t += 1 / 18
         kinds.add(type(g2.check(peer2, DATA, t)))
-    assert Refusal not in kinds and kinds == {int}
+    assert Close not in kinds and kinds == {int}
 
 
 def test_answers_to_peer_online_are_credited_but_cannot_bounce() -> None:
@@ -95,15 +96,15 @@ def test_channels_per_peer_and_peers_per_channel() -> None:
     p.handle(a, Signalling(t="control", op="channel_join", c="two"))
     third = Signalling(t="control", op="channel_join", c="three")
     refusal = g.check(a, third, 0.0)
-    assert isinstance(refusal, Refusal) and refusal.code == CLOSE_LIMIT
-    assert refusal.counter == "too_many_channels" and "at most 2" in refusal.reason
+    assert isinstance(refusal, Close) and refusal.fault.code == 4008
+    assert refusal.fault.counter == "too_many_channels" and "at most 2" in refusal.reason
     assert g.check(a, Signalling(t="control", op="channel_join", c="two"), 0.0) == OK
     for sid in ("b", "c"):
         joined(p, g, sid, "one")
     d = Peer(sid="d", client_id="d", app="app", transport="t")
     p.connect(d)
     full = g.check(d, Signalling(t="control", op="channel_join", c="one"), 0.0)
-    assert isinstance(full, Refusal) and full.counter == "channel_full"
+    assert isinstance(full, Close) and full.fault.counter == "channel_full"
     other_app = Peer(sid="e", client_id="e", app="other", transport="t")
     assert g.check(other_app, Signalling(t="control", op="channel_join", c="one"), 0.0) == OK
 
@@ -118,3 +119,15 @@ def test_connection_limit() -> None:
     for sid in "abc":
         joined(p2, unlimited, sid)
     assert unlimited.admit() == ""
+
+
+def test_a_write_backlog_over_the_limit_closes_the_peer_as_a_slow_reader() -> None:
+    g, p = guard(WRITE_BUFFER_LIMIT="1000")
+    peer = joined(p, g, "a")
+    assert g.backlog(peer, 1000) is None
+    close = g.backlog(peer, 1001)
+    assert isinstance(close, Close) and close.peer is peer
+    assert close.fault is Fault.SLOW_READER and close.fault.code == 1008
+    assert close.reason == "slow reader: 1001 bytes queued"
+    off, q = guard(WRITE_BUFFER_LIMIT="0")
+    assert off.backlog(joined(q, off, "b"), 10**9) is None

@@ -29,7 +29,8 @@ async def test_slow_reader_is_closed_1008_and_others_keep_receiving(
     slow.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
     slow.stop_reading()
     (server_side,) = [p for p in node.node.presence.peers.values() if p.client_id == "slow"]
-    server_side.link.ws.transport.get_extra_info("socket").setsockopt(
+    link = node.node.links[server_side.sid]
+    link.ws.transport.get_extra_info("socket").setsockopt(
         socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
     n, body = 200, "x" * 8000  # 1.6 MB in all: far past the limit
@@ -54,7 +55,7 @@ async def test_slow_reader_is_closed_1008_and_others_keep_receiving(
     assert node.node.presence.dropped["slow_reader"] == 1
     assert "slow" not in {p.client_id for p in node.node.presence.peers.values()}
     # Its queue stayed bounded: at most the limit plus what one loop turn added.
-    assert server_side.link.ws.transport.get_write_buffer_size() < LIMIT + 2 * len(body) * 8
+    assert link.ws.transport.get_write_buffer_size() < LIMIT + 2 * len(body) * 8
 
     # A slow but live reader that catches up sees why it was closed.
     assert slow.transport is not None

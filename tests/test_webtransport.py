@@ -12,8 +12,7 @@ import msgpack
 import pytest
 from websockets.asyncio.client import ClientConnection
 
-from node.transports.webtransport import WebTransportTransport
-from node.transports.wt_session import datagram_room
+from node.transports.webtransport import WebTransportListener
 from tests.conftest import NodeFactory, RunningNode
 from tests.helpers import control, data_frame, join_frame, joined, pack, recv
 from tests.wt_client import WTClient, wt_connect
@@ -25,8 +24,8 @@ def path(client_id: str, key: str = "key") -> str:
     return f"/v1?publickey={key}&id={client_id}"
 
 
-def wt_transport(node: RunningNode) -> WebTransportTransport:
-    return next(t for t in node.node.transports if isinstance(t, WebTransportTransport))
+def wt_transport(node: RunningNode) -> WebTransportListener:
+    return next(t for t in node.app.listeners if isinstance(t, WebTransportListener))
 
 
 async def ws_until(ws: ClientConnection, match: Callable[[dict[str, Any]], bool],
@@ -132,7 +131,7 @@ async def test_oversize_message_goes_on_a_stream_and_blocks_nothing(
     async with wt_connect(node.port, path("dg")) as wt:
         await wt_join(wt, "room", "dg")
         session = next(iter(next(iter(wt_transport(node).connections)).sessions.values()))
-        room = datagram_room(session.conn.quic, session.session_id)
+        room = session.io.datagram_room(session.session_id)
         assert room == 1169  # aioquic's default 1200-byte packets, 8-byte connection ids
         await ws.send(data_frame("room", "big", json.dumps("x" * 5000)))
         await ws.send(data_frame("room", "small", '"y"'))
@@ -183,7 +182,7 @@ async def test_plain_get_over_http3_serves_the_node_pages(node_factory: NodeFact
 
 async def test_listens_on_ipv6_loopback_too(node_factory: NodeFactory) -> None:
     node = await node_factory(**WT)
-    assert ("::1", node.port) in [a[:2] for a in node.node.addresses]
+    assert ("::1", node.port) in [a[:2] for a in node.app.addresses]
     async with wt_connect(node.port, path("six"), host="::1") as wt:
         assert wt.status == 200
 
@@ -235,7 +234,7 @@ async def test_node_stop_closes_the_connection_so_the_client_reconnects(
     node = await node_factory(**WT)
     async with wt_connect(node.port, path("stay")) as wt:
         await wt_join(wt, "room", "stay")
-        await node.node.stop()
+        await node.app.stop()
         await wt.until(lambda: wt.terminated is not None, what="the CONNECTION_CLOSE")
         assert wt.terminated.error_code == 0x100  # H3_NO_ERROR
         assert wt.terminated.reason_phrase == "node stopping"
@@ -247,7 +246,7 @@ async def test_node_stop_closes_sessions_with_a_capsule(node_factory: NodeFactor
     node = await node_factory(WT_STOP_CLOSE="capsule", **WT)
     async with wt_connect(node.port, path("stay")) as wt:
         await wt_join(wt, "room", "stay")
-        await node.node.stop()
+        await node.app.stop()
         await wt.until(lambda: wt.close_capsule is not None, what="the close capsule")
         assert wt.close_capsule == (1001, "node stopping") and wt.session_fin
     assert not node.node.presence.peers

@@ -1,10 +1,11 @@
 """WebSocket adapter (``websockets``), which also answers the small HTTP endpoints.
 
-One connection = one peer. Frames are handled one at a time, in order, so a join
-is registered before the joiner's next frame. Close codes say what went wrong:
-1003 text frame, 1007 invalid message (with the reason), 1008 slow reader (more than
-``WRITE_BUFFER_LIMIT`` bytes queued), 1009 too big, 1011 ping timeout, 1001 server
-going away.
+One connection = one peer. Frames are handed to the node (:class:`node.ports.Peers`)
+one at a time, in order, so a join is registered before the joiner's next frame. What
+this adapter sees (a text frame, a ping timeout, its write backlog) it reports; the node
+decides, and closes through :meth:`WebSocketLink.close` with a code from the one table
+(:class:`node.protocol.Fault`). The library itself answers 1009 to a message over
+``MAX_MESSAGE_SIZE``; a stopping server sends 1001.
 
 Fan-out is the hot path, and on loopback its cost is almost all ``send()`` system
 calls (one per peer per message, the way ``websockets.broadcast`` does it). So:
@@ -40,12 +41,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from node import __version__, http
-from node.protocol import ProtocolError
+from node import __version__, endpoints
+from node.config import Settings
+from node.ports import Admission, Peers, Status
+from node.protocol import Fault
 
 if TYPE_CHECKING:
     from node.presence import Peer
-    from node.server import Admission, Node
 
 log = logging.getLogger("prscd.ws")
 
@@ -58,10 +60,6 @@ def _spawn(coro: Any) -> None:
     _background.add(task)
     task.add_done_callback(_background.discard)
 
-CLOSE_UNSUPPORTED = 1003
-CLOSE_INVALID = 1007
-CLOSE_SLOW_READER = 1008
-CLOSE_PING_TIMEOUT = 1011
 
 OPEN = State.OPEN
 
@@ -105,9 +103,8 @@ class PeerConnection(ServerConnection):
 class Writer:
     """Frames each message once and writes each peer's queue once per loop turn."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.limit = node.settings.write_buffer_limit
+    def __init__(self, peers: Peers) -> None:
+        self.peers = peers
         self._dirty: list[WebSocketLink] = []
         self._frame: bytes | None = None
         self._wire = b""
@@ -129,15 +126,6 @@ class Writer:
         for link in dirty:
             if link.pending is not None:
                 link.flush()
-
-    def slow_reader(self, link: WebSocketLink, queued: int) -> None:
-        """Too much queued for one peer: close it (1008) rather than buffer without bound."""
-        self.node.count_drop("slow_reader")
-        peer = link.peer
-        log.warning("slow reader sid=%s id=%s queued=%d limit=%d: closing 1008",
-                    peer.sid if peer else "?", peer.client_id if peer else "?",
-                    queued, self.limit)
-        link.force_close(CLOSE_SLOW_READER, f"slow reader: {queued} bytes queued")
 
 
 class WebSocketLink:
@@ -190,13 +178,11 @@ class WebSocketLink:
         self._check(transport.get_write_buffer_size())
 
     def _check(self, queued: int) -> None:
-        if queued > self.writer.limit and not self.closing:
-            self.writer.slow_reader(self, queued)
+        # What the kernel would not take; the node decides when it is too much.
+        if queued and not self.closing and self.peer is not None:
+            self.writer.peers.backlog(self.peer, queued)
 
     def close(self, code: int, reason: str) -> None:
-        _spawn(self.ws.close(code, reason[:120]))
-
-    def force_close(self, code: int, reason: str) -> None:
         """Close without waiting for the write buffer to drain (``ws.close()`` would).
 
         The close frame goes behind what is queued, so a slow but live reader still
@@ -207,15 +193,12 @@ class WebSocketLink:
         self.closing = True
         ws = self.ws
         if ws.protocol.state is OPEN:
-            ws.protocol.send_close(code, reason[:120])
+            # A close frame's reason holds at most 123 bytes of UTF-8.
+            ws.protocol.send_close(code, reason.encode()[:123].decode(errors="ignore"))
             ws.send_data()
         loop = asyncio.get_running_loop()
         grace = ws.close_timeout if ws.close_timeout is not None else 10.0
         self.abort_handle = loop.call_later(grace, ws.transport.abort)
-        if self.peer is not None:
-            # Gone for everyone now, not when the socket finally dies.
-            why = f"close code={code} reason={reason!r}"
-            _spawn(self.writer.node.close_peer(self.peer, why))
 
 
 class CompressedLink(WebSocketLink):
@@ -238,7 +221,8 @@ class Keepalive:
     ``timeout`` closes 1011. (A task per connection cost memory, and awaiting
     ``ws.ping()`` hung on a peer whose write buffer never drained.)"""
 
-    def __init__(self, interval: float, timeout: float) -> None:
+    def __init__(self, peers: Peers, interval: float, timeout: float) -> None:
+        self.peers = peers
         self.interval = interval
         self.timeout = timeout
         #: [when, seq, link]; link is None once forgotten (a closed connection is not
@@ -321,12 +305,10 @@ class Keepalive:
         if link.peer is not None:
             link.peer.rtt_ms = round(latency * 1000, 3)
 
-    @staticmethod
-    def _timed_out(link: WebSocketLink) -> None:
-        peer = link.peer
-        log.info("ping timeout sid=%s id=%s", peer.sid if peer else "?",
-                 peer.client_id if peer else "?")
-        link.force_close(CLOSE_PING_TIMEOUT, "ping timeout")
+    def _timed_out(self, link: WebSocketLink) -> None:
+        if link.peer is not None:
+            self.peers.fault(link.peer, Fault.PING_TIMEOUT,
+                             f"ping timeout: no pong within {self.timeout:g}s")
 
 
 def _reply(status: int, body: bytes, content_type: str, extra: dict[str, str]) -> Response:
@@ -339,15 +321,19 @@ def _reply(status: int, body: bytes, content_type: str, extra: dict[str, str]) -
     return Response(status, HTTPStatus(status).phrase, headers, body)
 
 
-class WebSocketTransport:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+class WebSocketListener:
+    """The WebSocket server on TCP ``PORT``; its request hook also answers the GET pages."""
+
+    def __init__(self, settings: Settings, peers: Peers, status: Status) -> None:
+        self.settings = settings
+        self.peers = peers
+        self.status = status
         self.server: Server | None = None
-        self.writer = Writer(node)
-        self.keepalive = Keepalive(node.settings.ping_interval, node.settings.ping_timeout)
+        self.writer = Writer(peers)
+        self.keepalive = Keepalive(peers, settings.ping_interval, settings.ping_timeout)
 
     def _headers(self) -> dict[str, str]:
-        return {"X-Prscd-MeshID": self.node.settings.mesh_id, "X-Prscd-Version": __version__}
+        return {"X-Prscd-MeshID": self.settings.mesh_id, "X-Prscd-Version": __version__}
 
     async def _process_request(self, conn: ServerConnection,
                                request: Request) -> Response | None:
@@ -356,12 +342,12 @@ class WebSocketTransport:
         if url.path != "/v1":
             if upgrade:
                 why = f"no WebSocket endpoint at {url.path}"
-                reply = http.text_reply(HTTPStatus.NOT_FOUND, why)
+                reply = endpoints.text_reply(HTTPStatus.NOT_FOUND, why)
             else:
-                reply = http.route(self.node, url.path)
+                reply = endpoints.route(self.status, url.path)
             return _reply(reply.status, reply.body, reply.content_type,
                           {**reply.headers, **self._headers()})
-        admission = await self.node.admit(url.query, "websocket")
+        admission = await self.peers.admit(url.query, "websocket")
         if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
             return _reply(admission.status, admission.reason.encode() + b"\n",
                           "text/plain; charset=utf-8", self._headers())
@@ -378,16 +364,16 @@ class WebSocketTransport:
             if key not in response.headers:
                 response.headers[key] = value
 
-    async def start(self, host: str | None, port: int, ssl: Any) -> list[tuple[str, int]]:
-        settings = self.node.settings
+    async def start(self, ssl: Any) -> list[tuple[str, int]]:
+        settings = self.settings
         # Request line and header limits (process-wide in websockets): a longer line
         # answers 414 or 431, more headers 431.
         http11.MAX_LINE_LENGTH = settings.http_max_line
         http11.MAX_NUM_HEADERS = settings.http_max_headers
         self.server = await serve(
             self._handler,
-            host or None,
-            port,
+            settings.host or None,
+            settings.port,
             ssl=ssl,
             process_request=self._process_request,
             process_response=self._process_response,
@@ -413,24 +399,17 @@ class WebSocketTransport:
         admission: Admission = ws.prscd_admission  # type: ignore[attr-defined]
         link = (CompressedLink if ws.protocol.extensions else WebSocketLink)(ws, self.writer)
         ws.prscd_link = link  # type: ignore[attr-defined]
-        peer = link.peer = self.node.open_peer(admission, "websocket", link)
+        peers = self.peers
+        peer = link.peer = peers.open(admission, "websocket", link)
         self.keepalive.add(link)
         try:
             async for message in ws:
                 if link.closing:
-                    continue  # closed by us (slow reader, ping timeout): already offline
+                    continue  # closed by the node: already offline, the close is under way
                 if isinstance(message, str):
-                    self.node.count_drop("text_frame")
-                    await ws.close(CLOSE_UNSUPPORTED, "binary frames only")
-                    break
-                try:
-                    await self.node.receive(peer, message)
-                except ProtocolError as exc:
-                    self.node.count_drop("invalid")
-                    log.info("invalid message sid=%s id=%s reason=%s",
-                             peer.sid, peer.client_id, exc)
-                    await ws.close(CLOSE_INVALID, str(exc)[:120])
-                    break
+                    peers.fault(peer, Fault.TEXT_FRAME, "binary frames only")
+                else:
+                    await peers.receive(peer, message)
         except ConnectionClosed:
             pass
         finally:
@@ -439,18 +418,16 @@ class WebSocketTransport:
                 link.abort_handle.cancel()
             # The handshake may still be in flight: read the frames, not close_code.
             sent, rcvd = ws.protocol.close_sent, ws.protocol.close_rcvd
-            if sent is not None and sent.code == 1009:
-                self.node.count_drop("too_big")
+            if sent is not None and sent.code == Fault.TOO_BIG.code:
+                peers.count_drop(Fault.TOO_BIG.counter)  # the library's own close
             # Who closed first: the peer (rcvd then sent) or us.
             first = rcvd if ws.protocol.close_rcvd_then_sent else (sent or rcvd)
             why = f"close code={first.code} reason={first.reason!r}" if first else "close code=1006"
-            await self.node.close_peer(peer, why)
-            # Break the ws <-> link <-> peer cycles and leave the keepalive heap: a closed
-            # connection and its TLS buffers are freed now, not at the next full garbage
-            # collection (under connection churn that grew the node by ~40 KiB per
-            # connection; found by bench/soak.py).
-            # (peer.link stays: a Deliver computed before may still reach it, and
-            # a closed link refuses politely.)
+            await peers.closed(peer, why)
+            # Break the ws <-> link cycle and leave the keepalive heap: a closed connection
+            # and its TLS buffers are freed now, not at the next full garbage collection
+            # (under connection churn that grew the node by ~40 KiB per connection; found
+            # by bench/soak.py).
             self.keepalive.forget(link)
             ws.prscd_link = None  # type: ignore[attr-defined]
             link.peer = None

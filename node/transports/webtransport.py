@@ -6,7 +6,7 @@ QUIC configuration, the extended CONNECT (same admission as WebSocket), plain GE
 (a browser told ``--origin-to-force-quic-on`` fetches the demo pages over HTTP/3
 too), keepalive pings, and routing QUIC/H3 events to sessions.
 
-Traps handled here (see FIELD-NOTES): without ``enable_webtransport`` Chromium
+Traps handled here (docs/webtransport.md): without ``enable_webtransport`` Chromium
 never sends the CONNECT, without ``max_datagram_frame_size`` datagrams silently
 never arrive; the 200 is transmitted alone (Chromium dropped a datagram sharing its
 packet); stream resets and connection loss produce no H3 event, so QUIC
@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import size_uint_var
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import (
     DatagramReceived,
@@ -46,12 +47,15 @@ from aioquic.quic.events import (
     StopSendingReceived,
     StreamReset,
 )
+from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
 
-from node import __version__, http
-from node.transports.wt_session import CLOSE_GOING_AWAY, WebTransportSession
+from node import __version__, endpoints
+from node.config import Settings
+from node.ports import Peers, Status
+from node.protocol import CLOSE_GOING_AWAY
+from node.transports.wt_session import WebTransportSession
 
 if TYPE_CHECKING:
-    from node.server import Node
     from node.tls import CertInfo
 
 log = logging.getLogger("prscd.wt")
@@ -61,6 +65,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 CLOSE_GRACE = 0.5
 #: HTTP/3's "no error" application code, for connections the node ends on purpose.
 H3_NO_ERROR = 0x100
+#: AEAD tag of every 1-RTT packet (all QUIC v1 cipher suites use 16 bytes).
+AEAD_TAG_SIZE = 16
 
 
 def check_connect(headers: dict[bytes, bytes]) -> tuple[int, str, str]:
@@ -81,14 +87,34 @@ def check_connect(headers: dict[bytes, bytes]) -> tuple[int, str, str]:
     return 0, "", url.query
 
 
+def datagram_room(quic: QuicConnection, session_id: int) -> int:
+    """The largest HTTP/3 datagram payload that fits one packet of this connection.
+
+    The same arithmetic as aioquic's packet builder: its datagram size (1200 unless
+    configured) minus the short header (1 byte, the peer's connection id, the packet
+    number), the AEAD tag, the DATAGRAM frame's type and length, and the
+    quarter-stream-id. With 8-byte connection ids that is 1169, the largest payload
+    that reached Chromium (docs/webtransport.md). The peer's max_datagram_frame_size caps it.
+    """
+    overhead = 1 + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE + AEAD_TAG_SIZE + 1
+    room = quic._max_datagram_size - overhead
+    room -= size_uint_var(room)
+    remote = quic._remote_max_datagram_frame_size
+    if remote is not None:
+        room = min(room, remote - 1 - size_uint_var(remote))
+    return room - size_uint_var(session_id // 4)
+
+
 class H3Protocol(QuicConnectionProtocol):
-    """One QUIC connection: HTTP/3 requests, WebTransport sessions, keepalive."""
+    """One QUIC connection: HTTP/3 requests, WebTransport sessions, keepalive; and the
+    :class:`~node.transports.wt_session.SessionIO` of its sessions."""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
-                 server: WebTransportTransport) -> None:
+                 server: WebTransportListener) -> None:
         super().__init__(quic, stream_handler)
         self.server = server
-        self.node = server.node
+        self.settings = server.settings
+        self.peers = server.peers
         self.quic = quic
         self.h3: H3Connection = None  # type: ignore[assignment]  # set on ProtocolNegotiated
         self.sessions: dict[int, WebTransportSession] = {}
@@ -102,10 +128,37 @@ class H3Protocol(QuicConnectionProtocol):
         self._ever_session = False
         self._active_at = self._loop.time()
         self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
-            server.node.settings.handshake_timeout, self._handshake_deadline)
+            self.settings.handshake_timeout, self._handshake_deadline)
         server.connections.add(self)
 
-    # -- what sessions use -------------------------------------------------------
+    # -- SessionIO: what sessions use --------------------------------------------
+
+    def datagram_room(self, session_id: int) -> int:
+        return datagram_room(self.quic, session_id)
+
+    def datagrams_pending(self) -> int:
+        return len(self.quic._datagrams_pending)
+
+    def bytes_pending(self, stream_id: int | None) -> int:
+        queued = sum(map(len, self.quic._datagrams_pending))
+        return queued + (self.unacked(stream_id) if stream_id is not None else 0)
+
+    def send_datagram(self, session_id: int, data: bytes) -> None:
+        self.h3.send_datagram(session_id, data)
+
+    def open_stream(self, session_id: int) -> int:
+        # Unidirectional only: aioquic does not mark a server-opened bidirectional stream
+        # as WebTransport, and the peer's reply then kills the connection.
+        return self.h3.create_webtransport_stream(session_id, is_unidirectional=True)
+
+    def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        self.quic.send_stream_data(stream_id, data, end)
+
+    def reset_stream(self, stream_id: int) -> None:
+        self.quic.reset_stream(stream_id, 0)
+
+    def send_connect(self, session_id: int, data: bytes, end: bool) -> None:
+        self.h3.send_data(session_id, data, end)
 
     def schedule_transmit(self) -> None:
         """Coalesce the sends of one loop iteration into one transmit()."""
@@ -164,13 +217,13 @@ class H3Protocol(QuicConnectionProtocol):
             if session is not None:
                 session.on_datagram(event.data)
             else:
-                self.node.count_drop("wt_no_session")
+                self.peers.count_drop("wt_no_session")
         elif isinstance(event, WebTransportStreamDataReceived):
             session = self.sessions.get(event.session_id)
             if session is not None:
                 session.on_stream_data(event.stream_id, event.data, event.stream_ended)
             elif event.data:
-                self.node.count_drop("wt_no_session")
+                self.peers.count_drop("wt_no_session")
         elif isinstance(event, DataReceived):
             session = self.sessions.get(event.stream_id)
             if session is not None:
@@ -203,13 +256,13 @@ class H3Protocol(QuicConnectionProtocol):
         self._deadline = None
         if self.terminated or self._ever_session:
             return
-        timeout = self.node.settings.handshake_timeout
+        timeout = self.settings.handshake_timeout
         idle = self._loop.time() - self._active_at
         if self._admitting or idle < timeout:  # busy, or served a request lately
             self._deadline = self._loop.call_later(max(timeout - idle, 0.1),
                                                    self._handshake_deadline)
             return
-        self.node.count_drop("handshake_timeout")
+        self.peers.count_drop("handshake_timeout")
         log.info("closing a QUIC connection without a WebTransport session after %gs",
                  timeout)
         self.quic.close(error_code=H3_NO_ERROR, reason_phrase="no WebTransport session")
@@ -232,7 +285,7 @@ class H3Protocol(QuicConnectionProtocol):
     # -- keepalive ---------------------------------------------------------------
 
     def _arm_ping(self) -> None:
-        interval = self.node.settings.wt_ping_interval
+        interval = self.settings.wt_ping_interval
         if self._ping_handle is None and interval > 0 and not self.terminated:
             self._ping_handle = self._loop.call_later(interval, self._ping)
 
@@ -258,7 +311,7 @@ class H3Protocol(QuicConnectionProtocol):
         headers = [
             (b":status", str(int(status)).encode()),
             (b"server", f"prscd/{__version__}".encode()),
-            (b"x-prscd-meshid", self.node.settings.mesh_id.encode()),
+            (b"x-prscd-meshid", self.settings.mesh_id.encode()),
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(body)).encode()),
         ]
@@ -272,10 +325,10 @@ class H3Protocol(QuicConnectionProtocol):
 
     def _request(self, stream_id: int, headers: dict[bytes, bytes]) -> None:
         self._active_at = self._loop.time()
-        settings = self.node.settings
+        settings = self.settings
         if (len(headers) > settings.http_max_headers
                 or any(len(k) + len(v) + 2 > settings.http_max_line for k, v in headers.items())):
-            self.node.count_drop("headers_too_large")
+            self.peers.count_drop("headers_too_large")
             self._respond(stream_id, HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                           b"request header fields too large\n")
             return
@@ -285,7 +338,7 @@ class H3Protocol(QuicConnectionProtocol):
         elif method in (b"GET", b"HEAD"):
             self.server.counters["http3_requests"] += 1
             path = urlsplit(headers.get(b":path", b"/").decode(errors="replace")).path
-            reply = http.route(self.node, path)
+            reply = endpoints.route(self.server.status, path)
             self._respond(stream_id, reply.status, reply.body, reply.content_type,
                           reply.headers, head=method == b"HEAD")
         else:
@@ -305,7 +358,7 @@ class H3Protocol(QuicConnectionProtocol):
 
     async def _admit(self, stream_id: int, query: str) -> None:
         try:
-            admission = await self.node.admit(query, "webtransport")
+            admission = await self.peers.admit(query, "webtransport")
         finally:
             self._admitting -= 1
         if self.terminated:
@@ -315,31 +368,34 @@ class H3Protocol(QuicConnectionProtocol):
             self._respond(stream_id, admission.status, admission.reason.encode() + b"\n")
             return
         self._ever_session = True
-        session = WebTransportSession(self, stream_id, self.node, self.server.counters)
+        session = WebTransportSession(self, stream_id, self.peers,
+                                      self.settings.max_message_bytes, self.server.counters)
         self.sessions[stream_id] = session
         self.h3.send_headers(stream_id, [
             (b":status", b"200"),
             (b"sec-webtransport-http3-draft", b"draft02"),
             (b"server", f"prscd/{__version__}".encode()),
-            (b"x-prscd-meshid", self.node.settings.mesh_id.encode()),
+            (b"x-prscd-meshid", self.settings.mesh_id.encode()),
         ])
-        self.transmit()  # alone in its packet (FIELD-NOTES)
-        peer = self.node.open_peer(admission, "webtransport", session)
+        self.transmit()  # alone in its packet: Chromium dropped a datagram sharing it
+        peer = self.peers.open(admission, "webtransport", session)
         self.server.track(session.start(peer))
         self._arm_ping()
 
 
-class WebTransportTransport:
+class WebTransportListener:
     """HTTP/3 listeners (IPv4 and IPv6) sharing the node's certificate and port."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, settings: Settings, peers: Peers, status: Status) -> None:
+        self.settings = settings
+        self.peers = peers
+        self.status = status
         self.servers: list[QuicServer] = []
         self.connections: set[H3Protocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         #: datagrams_in/out, stream_fallback, stream_messages_out, http3_requests.
         self.counters: Counter[str] = Counter()
-        self.idle_timeout = node.settings.wt_idle_timeout
+        self.idle_timeout = settings.wt_idle_timeout
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
@@ -355,11 +411,11 @@ class WebTransportTransport:
         config.load_cert_chain(cert.cert_file, cert.key_file)
         return config
 
-    async def start(self, host: str | None, port: int, cert: CertInfo) -> list[tuple[str, int]]:
+    async def start(self, port: int, cert: CertInfo) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
         config = self._configuration(cert)
         addresses: list[tuple[str, int]] = []
-        for family, address in _bind_addresses(host or ""):
+        for family, address in _bind_addresses(self.settings.host):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 if family == socket.AF_INET6:
@@ -381,19 +437,19 @@ class WebTransportTransport:
             )
             self.servers.append(server)
             addresses.append(sock.getsockname()[:2])
-        ping, idle = self.node.settings.wt_ping_interval, self.idle_timeout
+        ping, idle = self.settings.wt_ping_interval, self.idle_timeout
         if not 0 < ping < idle / 2:
             log.warning("WT_PING_INTERVAL=%g with WT_IDLE_TIMEOUT=%g: quiet but live sessions "
                         "may be cut; keep the interval under half the idle timeout", ping, idle)
         self._log_browser_hints(cert, port)
         log.info("webtransport listening udp=%s idle_timeout=%gs ping_interval=%gs",
                  ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses),
-                 self.idle_timeout, self.node.settings.wt_ping_interval)
+                 self.idle_timeout, self.settings.wt_ping_interval)
         return addresses
 
     def _log_browser_hints(self, cert: CertInfo, port: int) -> None:
         """What a developer needs to open the demo with the (self-signed) dev certificate."""
-        settings = self.node.settings
+        settings = self.settings
         host = settings.domain or (settings.host if settings.host not in ("", "0.0.0.0", "::")
                                    else "127.0.0.1")
         origin = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -413,7 +469,7 @@ class WebTransportTransport:
         reconnects. Other clients read either.
         """
         closing: list[tuple[H3Protocol, int]] = []
-        by_capsule = self.node.settings.wt_stop_close == "capsule"
+        by_capsule = self.settings.wt_stop_close == "capsule"
         for conn in list(self.connections):
             if by_capsule:
                 for session in list(conn.sessions.values()):

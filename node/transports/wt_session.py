@@ -1,7 +1,8 @@
 """One WebTransport session = one peer: datagrams, reliable streams, capsules, close.
 
 The QUIC/HTTP-3 glue (:mod:`node.transports.webtransport`) routes each session's
-events here. A session is also the node's :class:`~node.server.Link` to its peer.
+events here and hands it the little I/O it needs (:class:`SessionIO`). A session is
+also the node's :class:`~node.ports.Link` to its peer.
 
 Delivery to the peer:
 
@@ -16,10 +17,13 @@ Delivery to the peer:
 Server-opened *bidirectional* streams are never used: aioquic does not mark them as
 WebTransport streams and the peer's reply kills the connection (H3_FRAME_ERROR).
 
-Close codes (the 32-bit code of the CLOSE_WEBTRANSPORT_SESSION capsule) reuse the
-WebSocket numbers so operators read one vocabulary: 1001 node stopping, 1007 invalid
-message, 1009 message too big, 1011 internal error, 1013 peer sends faster than the
-node handles.
+Close codes (the 32-bit code of the CLOSE_WEBTRANSPORT_SESSION capsule) are the
+WebSocket numbers of the one table, :class:`node.protocol.Fault`. What this session sees
+(input that does not parse, a sender faster than the node, its send backlog) it reports
+to the node (:class:`node.ports.Peers`), which decides and closes through :meth:`close`.
+
+A slow reader is treated as on WebSocket: past ``WRITE_BUFFER_LIMIT`` bytes waiting
+(datagrams queued in aioquic, or unacknowledged stream data) it is closed with 1008.
 """
 
 from __future__ import annotations
@@ -28,30 +32,21 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgpack
-from aioquic.buffer import Buffer, BufferReadError, encode_uint_var, size_uint_var
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
+from aioquic.buffer import Buffer, BufferReadError, encode_uint_var
 
-from node.protocol import ProtocolError
+from node.protocol import Fault, MessageTooBig, ProtocolError
 
 if TYPE_CHECKING:
+    from node.ports import Peers
     from node.presence import Peer
-    from node.server import Node
-    from node.transports.webtransport import H3Protocol
 
 log = logging.getLogger("prscd.wt")
 
 CLOSE_WEBTRANSPORT_SESSION = 0x2843
 DRAIN_WEBTRANSPORT_SESSION = 0x78AE
-
-CLOSE_GOING_AWAY = 1001
-CLOSE_INVALID = 1007
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_OVERLOADED = 1013
 
 #: The close capsule's message is limited to 1024 bytes by the WebTransport drafts.
 MAX_CLOSE_REASON = 1024
@@ -60,12 +55,12 @@ MAX_CLOSE_REASON = 1024
 #: past this, datagrams are dropped (unreliable by contract) and a stream writer is
 #: closed with 1013.
 MAX_INBOX = 1024
-#: Datagrams queued in aioquic (congestion-limited) before further ones are dropped.
-MAX_PENDING_DATAGRAMS = 256
+#: Once this many datagrams wait in aioquic (congestion-limited), the session reports
+#: the connection's send backlog to the node every BACKLOG_CHECK more (a sum over the queue).
+BACKLOG_FROM = 256
+BACKLOG_CHECK = 64
 #: Largest capsule accepted on the CONNECT stream (only close/drain/GREASE are expected).
 MAX_CAPSULE_BYTES = 16 * 1024
-#: AEAD tag of every 1-RTT packet (all QUIC v1 cipher suites use 16 bytes).
-AEAD_TAG_SIZE = 16
 #: Room left for an ACK frame in the same packet. aioquic writes a pending ACK first; by
 #: its packet builder, a datagram that only fits an otherwise empty packet then stays
 #: queued until a later transmit without a pending ACK. (Read from the code; not seen on
@@ -73,26 +68,38 @@ AEAD_TAG_SIZE = 16
 ACK_ROOM = 32
 
 
-class MessageTooBig(ProtocolError):
-    """A message on a reliable stream is larger than MAX_MESSAGE_SIZE."""
+class SessionIO(Protocol):
+    """What a session may do on its QUIC connection (one H3Protocol)."""
 
+    terminated: bool
 
-def datagram_room(quic: QuicConnection, session_id: int) -> int:
-    """The largest HTTP/3 datagram payload that fits one packet of this connection.
+    def datagram_room(self, session_id: int) -> int:
+        """The largest datagram payload that fits one packet of this connection."""
+        ...
 
-    The same arithmetic as aioquic's packet builder: its datagram size (1200 unless
-    configured) minus the short header (1 byte, the peer's connection id, the packet
-    number), the AEAD tag, the DATAGRAM frame's type and length, and the
-    quarter-stream-id. With 8-byte connection ids that is 1169, the largest payload
-    that reached Chromium (FIELD-NOTES). The peer's max_datagram_frame_size caps it.
-    """
-    overhead = 1 + len(quic._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE + AEAD_TAG_SIZE + 1
-    room = quic._max_datagram_size - overhead
-    room -= size_uint_var(room)
-    remote = quic._remote_max_datagram_frame_size
-    if remote is not None:
-        room = min(room, remote - 1 - size_uint_var(remote))
-    return room - size_uint_var(session_id // 4)
+    def datagrams_pending(self) -> int: ...
+
+    def bytes_pending(self, stream_id: int | None) -> int:
+        """Bytes waiting to go out: queued datagrams and the stream's unacked data."""
+        ...
+
+    def send_datagram(self, session_id: int, data: bytes) -> None: ...
+
+    def open_stream(self, session_id: int) -> int:
+        """A new server-opened unidirectional WebTransport stream."""
+        ...
+
+    def send_stream(self, stream_id: int, data: bytes, end: bool = False) -> None: ...
+
+    def reset_stream(self, stream_id: int) -> None: ...
+
+    def send_connect(self, session_id: int, data: bytes, end: bool) -> None:
+        """Data (capsules) on the session's CONNECT stream."""
+        ...
+
+    def schedule_transmit(self) -> None: ...
+
+    def forget(self, session_id: int) -> None: ...
 
 
 def encode_capsule(capsule_type: int, payload: bytes) -> bytes:
@@ -189,11 +196,12 @@ class WebTransportSession:
 
     transport = "webtransport"
 
-    def __init__(self, conn: H3Protocol, session_id: int, node: Node,
+    def __init__(self, io: SessionIO, session_id: int, peers: Peers, max_message: int,
                  counters: Counter[str]) -> None:
-        self.conn = conn
+        self.io = io
         self.session_id = session_id
-        self.node = node
+        self.peers = peers
+        self.max_message = max_message
         self.counters = counters
         self.peer: Peer | None = None
         #: Set once the peer writes on a stream: it is then answered on a stream.
@@ -215,17 +223,18 @@ class WebTransportSession:
     # -- Link ------------------------------------------------------------------
 
     def send(self, frame: bytes) -> bool:
-        """Queue one message; False when dropped (session closed or peer too slow)."""
-        if self.closed or self.conn.terminated:
+        """Queue one message; False when the session is closed."""
+        io = self.io
+        if self.closed or io.terminated:
             return False
-        quic = self.conn.quic
         if not self.reliable:
-            if len(frame) <= datagram_room(quic, self.session_id) - ACK_ROOM:
-                if len(quic._datagrams_pending) >= MAX_PENDING_DATAGRAMS:
-                    return False
-                self.conn.h3.send_datagram(self.session_id, frame)
-                self.conn.schedule_transmit()
+            if len(frame) <= io.datagram_room(self.session_id) - ACK_ROOM:
+                io.send_datagram(self.session_id, frame)
+                io.schedule_transmit()
                 self.counters["datagrams_out"] += 1
+                waiting = io.datagrams_pending()
+                if waiting >= BACKLOG_FROM and waiting % BACKLOG_CHECK == 0:
+                    self._backlog()
                 return True
             self.counters["stream_fallback"] += 1
         return self._send_on_stream(frame)
@@ -236,7 +245,7 @@ class WebTransportSession:
             return
         capsule = encode_close_capsule(code, reason)
         self._end_connect_stream(capsule)
-        self.conn.schedule_transmit()
+        self.io.schedule_transmit()
         self.end(f"closed by server code={code} reason={reason[:120]!r}")
 
     # -- events from the connection -----------------------------------------
@@ -252,8 +261,7 @@ class WebTransportSession:
         self.reliable = True
         splitter = self._splitters.get(stream_id)
         if splitter is None:
-            splitter = self._splitters[stream_id] = FrameSplitter(
-                self.node.settings.max_message_bytes)
+            splitter = self._splitters[stream_id] = FrameSplitter(self.max_message)
         try:
             frames = splitter.feed(data)
         except ProtocolError as exc:
@@ -271,7 +279,7 @@ class WebTransportSession:
         """The peer abandoned one of its streams: what it held of a message is lost."""
         splitter = self._splitters.pop(stream_id, None)
         if splitter is not None and splitter.pending:
-            self.node.count_drop("wt_stream_reset")
+            self.peers.count_drop("wt_stream_reset")
 
     def on_stop_sending(self, stream_id: int) -> None:
         """The peer no longer reads our stream (aioquic has reset it): open a new one."""
@@ -313,63 +321,67 @@ class WebTransportSession:
             self._end_connect_stream(b"")
         elif reply == "reset" and not self._connect_stream_done:
             self._connect_stream_done = True
-            self._best_effort(lambda: self.conn.quic.reset_stream(self.session_id, 0))
+            self._best_effort(lambda: self.io.reset_stream(self.session_id))
         if reply != "none" and self._out_stream is not None:
             out = self._out_stream
-            self._best_effort(lambda: self.conn.quic.send_stream_data(out, b"", True))
+            self._best_effort(lambda: self.io.send_stream(out, b"", True))
         self._splitters.clear()
-        self.conn.forget(self.session_id)
+        self.io.forget(self.session_id)
         self._inbox.put_nowait(None)
         if reply != "none":
-            self.conn.schedule_transmit()
+            self.io.schedule_transmit()
 
     # -- internals -------------------------------------------------------------
 
     def _send_on_stream(self, frame: bytes) -> bool:
-        quic = self.conn.quic
+        io = self.io
         if self._out_stream is None:
-            self._out_stream = self.conn.h3.create_webtransport_stream(
-                self.session_id, is_unidirectional=True)
-        elif self.conn.unacked(self._out_stream) > self.node.settings.write_buffer_limit:
-            return False
+            self._out_stream = io.open_stream(self.session_id)
         try:
-            quic.send_stream_data(self._out_stream, frame)
+            io.send_stream(self._out_stream, frame)
         except (RuntimeError, ValueError):
             # Reset under us (STOP_SENDING): the next message opens a new stream.
             self._out_stream = None
             return False
-        self.conn.schedule_transmit()
+        io.schedule_transmit()
         self.counters["stream_messages_out"] += 1
+        self._backlog()
         return True
+
+    def _backlog(self) -> None:
+        queued = self.io.bytes_pending(self._out_stream)
+        if queued and self.peer is not None:
+            self.peers.backlog(self.peer, queued)
 
     def _enqueue(self, frame: bytes, *, reliable: bool) -> bool:
         if self._inbox.qsize() >= MAX_INBOX:
-            self.node.count_drop("wt_backlog")
             if reliable:
-                self.close(CLOSE_OVERLOADED, "too many messages waiting: slow down")
+                self._fault(Fault.OVERLOADED, "too many messages waiting: slow down")
                 return False
+            self.peers.count_drop(Fault.OVERLOADED.counter)  # unreliable by contract
             return True
         self._inbox.put_nowait(frame)
         return True
 
     def _refuse(self, exc: ProtocolError) -> None:
         """Bad input closes this session only, with the reason in the capsule."""
-        too_big = isinstance(exc, MessageTooBig)
-        self.node.count_drop("too_big" if too_big else "invalid")
-        peer = self.peer
-        log.info("invalid input sid=%s id=%s reason=%s",
-                 peer.sid if peer else "-", peer.client_id if peer else "-", exc)
-        self.close(CLOSE_TOO_BIG if too_big else CLOSE_INVALID, str(exc))
+        self._fault(exc.fault, str(exc))
+
+    def _fault(self, fault: Fault, reason: str) -> None:
+        if self.peer is not None:
+            self.peers.fault(self.peer, fault, reason)
+        else:
+            self.close(fault.code, reason)
 
     def _end_connect_stream(self, data: bytes) -> None:
         if self._connect_stream_done:
             return
         self._connect_stream_done = True
-        self._best_effort(lambda: self.conn.h3.send_data(self.session_id, data, True))
+        self._best_effort(lambda: self.io.send_connect(self.session_id, data, True))
 
     def _best_effort(self, write: Callable[[], object]) -> None:
         """Writes while tearing down may meet a stream the peer already reset."""
-        if self.conn.terminated:
+        if self.io.terminated:
             return
         try:
             write()
@@ -377,19 +389,16 @@ class WebTransportSession:
             log.debug("session teardown write failed: %r", exc)
 
     async def _run(self) -> None:
-        node, peer = self.node, self.peer
+        peers, peer = self.peers, self.peer
         assert peer is not None
         try:
             while (frame := await self._inbox.get()) is not None:
                 try:
-                    await node.receive(peer, frame)
-                except ProtocolError as exc:
-                    self._refuse(exc)
-                    break
+                    await peers.receive(peer, frame)
                 except Exception:
                     log.exception("frame handling failed sid=%s", peer.sid)
-                    self.close(CLOSE_INTERNAL, "internal error")
+                    peers.fault(peer, Fault.INTERNAL, "internal error")
                     break
         finally:
-            await node.close_peer(peer, self.why or "session task ended")
+            await peers.closed(peer, self.why or "session task ended")
             self.peer = None  # break the session <-> peer cycle: freed at once, not by the GC

@@ -238,7 +238,7 @@ async def test_a_stopping_node_sends_the_real_client_to_reconnect(
     await browser.wait("prscdDemo.meshId", timeout=15)
     assert [p.transport for p in first.node.presence.peers.values()] == ["webtransport"]
     port = first.port
-    await first.node.stop()
+    await first.app.stop()
     second = await node_factory(WEBTRANSPORT="true", MESH_ID="second", PORT=str(port))
     started = time.monotonic()
     while not any(p.client_id == "chromium" and p.transport == "webtransport"

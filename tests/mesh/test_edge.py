@@ -127,7 +127,7 @@ async def test_drain_moves_a_real_client_to_the_next_region(
     # End of the drain period: peers are closed with 1001, the client reconnects through
     # the same address and lands on the far region; bob sees alice leave the old node.
     mark = alice.mark()
-    await near.node.stop()
+    await near.app.stop()
     closed = await alice.wait_event(lambda e: e["ev"] == "ws_close", since=mark,
                                     what="close from the draining node")
     assert closed["code"] == 1001

@@ -1,8 +1,9 @@
-"""Small HTTP endpoints served on the WebSocket port: health, readiness, cert hash, demos.
+"""Small HTTP endpoints served on the node's port: health, readiness, cert hash, demos.
 
-Each endpoint is a function of the node's state returning a :class:`HttpReply`;
-the transport turns it into bytes. Every reply carries ``X-Prscd-MeshID`` so an
-operator behind Anycast can tell which region answered.
+Each endpoint is a function of the node's :class:`~node.ports.Status` returning an
+:class:`HttpReply`; the transport (WebSocket's request hook, or an HTTP/3 GET) turns it
+into bytes and adds ``X-Prscd-MeshID`` so an operator behind Anycast can tell which
+region answered.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from node.server import Node
+    from node.ports import Status
 
 JSON = "application/json"
 
@@ -54,14 +55,14 @@ STATIC_PAGES = {
 }
 
 
-def route(node: Node, path: str) -> HttpReply:
+def route(node: Status, path: str) -> HttpReply:
     """Answer a plain HTTP GET (anything that is not the /v1 WebSocket upgrade)."""
     if path == "/health":
         return json_reply(HTTPStatus.OK, node.health())
     if path == "/ready":
         ready, why = node.readiness()
         status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-        return json_reply(status, {"ready": ready, "reason": why, "mesh_id": node.settings.mesh_id})
+        return json_reply(status, {"ready": ready, "reason": why, "mesh_id": node.mesh_id})
     if path == "/cert-hash":
         info = node.cert
         if info is None:
@@ -78,8 +79,7 @@ def route(node: Node, path: str) -> HttpReply:
         )
     if path == "/v1/nodes":
         # The node directory an edge function reads to send a user to a healthy region.
-        nodes = node.liveness.directory()
-        return json_reply(HTTPStatus.OK, {"mesh_id": node.settings.mesh_id, "nodes": nodes})
+        return json_reply(HTTPStatus.OK, {"mesh_id": node.mesh_id, "nodes": node.directory()})
     if path == "/metrics":
         return HttpReply(HTTPStatus.OK, node.metrics_text().encode(), "text/plain; version=0.0.4")
     if path in STATIC_PAGES:

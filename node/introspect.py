@@ -15,10 +15,12 @@ from asyncio import AbstractEventLoop
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from node.config import ConfigError
+
 if TYPE_CHECKING:
     from node.server import Node
 
-log = logging.getLogger("prscd.inspect")
+log = logging.getLogger("prscd.introspect")
 
 
 def dump_state(node: Node) -> None:
@@ -34,8 +36,6 @@ def dump_stats(node: Node) -> None:
 def reload_keys(node: Node) -> None:
     """SIGHUP: re-read PUBLIC_KEYS_FILE. New connections use the new keys; existing
     peers keep their app. A broken file keeps the old keys. Logs counts, never keys."""
-    from node.config import ConfigError
-
     auth = node.auth
     if not auth.keys_file:
         log.info("SIGHUP: no PUBLIC_KEYS_FILE to reload (keys=%d)", len(auth.keys))

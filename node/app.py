@@ -1,0 +1,85 @@
+"""The composition root: builds a node and its listeners, starts and stops them in order.
+
+Nothing else wires parts together. The Node gets its bus, tracing and auth from here;
+each listener gets the node only as the narrow interfaces of :mod:`node.ports`, plus
+the settings. Start: bus, then the node joins the mesh, then the listeners accept
+peers. Stop: refuse new peers, close the listeners (peers get 1001), the peers left go
+offline, leave the mesh, close the bus, flush the spans, close the auth client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from mesh.bridge import new_node_id
+from mesh.bus import Bus, EmbeddedBus
+from mesh.tracing import make_tracing
+from node.auth import Auth
+from node.config import Settings
+from node.server import Node
+from node.tls import CertInfo, server_context
+from node.transports.websocket import WebSocketListener
+from node.transports.webtransport import WebTransportListener
+
+log = logging.getLogger("prscd.app")
+
+
+class Listener(Protocol):
+    async def close(self) -> None: ...
+
+
+def make_bus(settings: Settings) -> Bus:
+    if settings.nats_url:
+        from mesh.nats import NatsBus  # imported only when the mesh is configured
+
+        return NatsBus(settings)
+    return EmbeddedBus()
+
+
+class App:
+    """One node process: ``await App(settings, cert).start()``, later ``await app.stop()``."""
+
+    def __init__(self, settings: Settings, cert: CertInfo | None = None, *,
+                 bus: Bus | None = None, span_exporter: Any = None) -> None:
+        self.settings = settings
+        node_id = new_node_id(settings.mesh_id)
+        self.node = Node(settings, node_id=node_id, bus=bus or make_bus(settings),
+                         tracing=make_tracing(settings, node_id, span_exporter),
+                         auth=Auth.from_settings(settings), cert=cert)
+        self.listeners: list[Listener] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.port = settings.port
+        self._stopped = False
+
+    async def start(self) -> None:
+        settings, node = self.settings, self.node
+        await node.bus.connect()
+        await node.start()
+        cert = node.cert
+        ssl = server_context(cert) if (settings.tls and cert) else None
+        ws = WebSocketListener(settings, node, node)
+        self.addresses = await ws.start(ssl)
+        self.listeners.append(ws)
+        self.port = self.addresses[0][1]
+        if settings.webtransport and ssl is not None and cert is not None:
+            # HTTP/3 needs TLS; it shares the port number (UDP) with the WebSocket server.
+            wt = WebTransportListener(settings, node, node)
+            self.addresses += await wt.start(self.port, cert)
+            self.listeners.append(wt)
+        log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s", node.node_id,
+                 settings.mesh_id, self.port, ssl is not None, node.bus.kind)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        node = self.node
+        node.draining = True
+        for listener in self.listeners:
+            await listener.close()
+        await node.stop()
+        await node.bus.close()
+        await node.tracing.aclose()
+        await node.auth.aclose()
+        log.info("node stopped node_id=%s", node.node_id)

@@ -1,0 +1,104 @@
+"""The spans of one message's way through a node, wrapped around the one data path.
+
+The node calls these hooks whether tracing is on or off; off, each returns a shared
+do-nothing context (one attribute check and no span per frame). On, every hop is a
+span (mesh/tracing.py): the root span of each node carries the hop's identity
+(transport, peer, app, channel, op); children carry only what is theirs, because every
+attribute is paid for at 100% sampling, on the hot path and again when encoding.
+
+    prscd.receive (SERVER) -> presence.handle, source.publish (PRODUCER)
+        ... bus ... stream_function.receive (CONSUMER) -> presence.dispatch
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+
+from opentelemetry.trace import INVALID_SPAN, Span
+
+from mesh.bridge import TAG_PEER, MeshEvent, event_subject
+from mesh.tracing import CONSUMER, PRODUCER, SERVER, Tracing
+from node.presence import Action, Deliver, Peer
+from node.protocol import Signalling
+
+_OFF: AbstractContextManager[Span] = contextlib.nullcontext(INVALID_SPAN)
+_NO_HEADERS: AbstractContextManager[dict[str, str] | None] = contextlib.nullcontext(None)
+
+
+def delivered(actions: list[Action]) -> int:
+    """Peers the actions deliver to (a span attribute)."""
+    return sum(len(a.peers) for a in actions if isinstance(a, Deliver))
+
+
+class Hops:
+    def __init__(self, tracing: Tracing, *, bus_kind: str, mesh_id: str, node_id: str) -> None:
+        self.tracing = tracing
+        self.on = tracing.enabled
+        self.bus_kind, self.mesh_id, self.node_id = bus_kind, mesh_id, node_id
+
+    def receive(self, peer: Peer, sig: Signalling, size: int) -> AbstractContextManager[Span]:
+        """A frame from a local peer: the root of its trace."""
+        if not self.on:
+            return _OFF
+        return self.tracing.span("prscd.receive", SERVER, {
+            "prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
+            "prscd.app": peer.app, "prscd.channel": sig.c, "prscd.op": sig.op or sig.t,
+            "prscd.bytes": size})
+
+    def handle(self, rules: Callable[[Peer, Signalling], list[Action]], peer: Peer,
+               sig: Signalling) -> list[Action]:
+        """``rules(peer, sig)`` (presence.handle), in a span when tracing."""
+        if not self.on:
+            return rules(peer, sig)
+        with self.tracing.span("presence.handle") as span:
+            actions = rules(peer, sig)
+            span.set_attribute("prscd.delivered", delivered(actions))
+        return actions
+
+    def publish(self, sig: Signalling) -> AbstractContextManager[dict[str, str] | None]:
+        """Around a Source publish; gives the bus headers that carry the trace."""
+        if not self.on:
+            return _NO_HEADERS
+        return self._publish(sig)
+
+    @contextlib.contextmanager
+    def _publish(self, sig: Signalling) -> Iterator[dict[str, str]]:
+        subject = event_subject(sig.app or "", sig.c, TAG_PEER, self.mesh_id, self.node_id)
+        with self.tracing.span("source.publish", PRODUCER, {
+                "messaging.system": self.bus_kind, "messaging.operation": "publish",
+                "messaging.destination.name": subject}):
+            yield self.tracing.inject()
+
+    def dispatch(self, event: MeshEvent) -> AbstractContextManager[Span]:
+        """An event from another node; yields the dispatch span (set its count)."""
+        if not self.on:
+            return _OFF
+        return self._dispatch(event)
+
+    @contextlib.contextmanager
+    def _dispatch(self, event: MeshEvent) -> Iterator[Span]:
+        sig = event.sig
+        attrs = {"messaging.system": self.bus_kind, "messaging.operation": "receive",
+                 "messaging.destination.name": event.message.subject,
+                 "prscd.origin.mesh_id": sig.mesh or "", "prscd.origin.node_id": event.node,
+                 "prscd.tag": event.tag, "prscd.app": sig.app or "", "prscd.channel": sig.c,
+                 "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""}
+        parent = self.tracing.extract(event.message.headers)
+        with (self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent),
+              self.tracing.span("presence.dispatch") as span):
+            yield span
+
+    def disconnect(self, peer: Peer) -> AbstractContextManager[Span]:
+        if not self.on:
+            return _OFF
+        return self.tracing.span("prscd.disconnect", SERVER, {
+            "prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
+            "prscd.app": peer.app})
+
+    def node_down(self, node: str, why: str) -> AbstractContextManager[Span]:
+        if not self.on:
+            return _OFF
+        return self.tracing.span("liveness.node_down", attributes={
+            "prscd.dead_node_id": node, "prscd.reason": why})

@@ -1,0 +1,110 @@
+"""The WebSocket keepalive (node/transports/websocket.py) on its own: one timer for all
+peers, a timestamp ping every interval, a missing pong reported as a ping-timeout fault."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from websockets.protocol import State
+
+from node.presence import Peer
+from node.protocol import Fault
+from node.transports.websocket import Keepalive, WebSocketLink
+from tests.mesh_helpers import wait_until
+
+pytestmark = pytest.mark.unit
+
+
+class FakeWS:
+    """What the keepalive touches of a ServerConnection: protocol.state and ping()."""
+
+    def __init__(self, answers: bool) -> None:
+        self.protocol = SimpleNamespace(state=State.OPEN)
+        self.answers = answers
+        self.pings: list[bytes] = []
+
+    async def ping(self, data: bytes) -> asyncio.Future[float]:
+        self.pings.append(data)
+        pong: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        if self.answers:
+            pong.set_result(0.0025)
+        return pong
+
+
+class FakePeers:
+    def __init__(self) -> None:
+        self.faults: list[tuple[str, Fault, str]] = []
+
+    def fault(self, peer: Peer, fault: Fault, reason: str) -> None:
+        self.faults.append((peer.client_id, fault, reason))
+
+
+def link(name: str, answers: bool) -> tuple[WebSocketLink, FakeWS]:
+    ws = FakeWS(answers)
+    out = WebSocketLink(ws, None)  # type: ignore[arg-type]  # the writer is not used here
+    out.peer = Peer(sid=name, client_id=name, app="a", transport="websocket")
+    return out, ws
+
+
+async def test_live_peers_are_pinged_every_interval_and_get_their_rtt() -> None:
+    peers: Any = FakePeers()
+    keepalive = Keepalive(peers, interval=0.05, timeout=0.5)
+    live, ws = link("live", answers=True)
+    keepalive.add(live)
+    try:
+        await wait_until(lambda: len(ws.pings) >= 3, 5, "three pings")
+    finally:
+        keepalive.stop()
+    assert peers.faults == []
+    assert live.peer is not None and live.peer.rtt_ms == 2.5
+    # The payload is an 8-byte big-endian millisecond timestamp (the client echoes it).
+    stamp = struct.unpack(">Q", ws.pings[-1])[0]
+    assert abs(stamp - time.time() * 1000) < 5000
+
+
+async def test_a_silent_peer_is_reported_once_after_the_timeout() -> None:
+    peers: Any = FakePeers()
+    keepalive = Keepalive(peers, interval=0.05, timeout=0.2)
+    silent, ws = link("silent", answers=False)
+    live, live_ws = link("live", answers=True)
+    keepalive.add(silent)
+    keepalive.add(live)
+    start = asyncio.get_running_loop().time()
+    try:
+        await wait_until(lambda: peers.faults, 5, "a ping timeout")
+        elapsed = asyncio.get_running_loop().time() - start
+        # The node closes it; until then the keepalive must not report it again.
+        silent.closing = True
+        # Six more pings of the other link: longer than a timeout, a second report would show.
+        seen = len(live_ws.pings)
+        await wait_until(lambda: len(live_ws.pings) >= seen + 6, 5, "six more pings")
+    finally:
+        keepalive.stop()
+    assert peers.faults == [("silent", Fault.PING_TIMEOUT, "ping timeout: no pong within 0.2s")]
+    assert 0.2 <= elapsed < 2.0
+    assert len(ws.pings) == 1  # no new ping while a pong is awaited
+
+
+async def test_a_forgotten_link_is_never_pinged_and_interval_zero_is_off() -> None:
+    peers: Any = FakePeers()
+    keepalive = Keepalive(peers, interval=0.05, timeout=0.2)
+    gone, gone_ws = link("gone", answers=False)
+    watch, watch_ws = link("watch", answers=True)
+    keepalive.add(gone)
+    keepalive.add(watch)
+    keepalive.forget(gone)
+    try:
+        await wait_until(lambda: len(watch_ws.pings) >= 3, 5, "pings to the other link")
+    finally:
+        keepalive.stop()
+    assert gone_ws.pings == [] and peers.faults == []
+
+    off = Keepalive(peers, interval=0, timeout=0.2)
+    quiet, _ = link("quiet", answers=False)
+    off.add(quiet)
+    assert quiet.keepalive_entry is None and off._timer is None
