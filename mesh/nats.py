@@ -31,11 +31,9 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -382,14 +380,3 @@ class NatsBus(Bus):
             await conn.close()
         self._set_state(CLOSED)
         self._up_event.clear()
-
-
-# A type for tests and tools that want a raw client with the same options.
-ConnectFn = Callable[..., Awaitable[NatsClient]]
-
-
-async def raw_connect(settings: Settings, name: str, **overrides: Any) -> NatsClient:
-    """One plain nats-py client with prscd's options (tools, tests)."""
-    opts = connect_options(settings, name)
-    opts.update(overrides)
-    return await nats.connect(**opts)
