@@ -223,6 +223,13 @@ def encode_data(channel: str, event: str, data_json: str, p: str | None = None) 
     return encode(Signalling(t=DATA, c=channel, p=p, pl=pl))
 
 
+def split_target(target: str) -> tuple[str, str]:
+    """A request target (``/v1?publickey=..``) as (path, query). Not ``urlsplit``: that
+    reads ``//host/v1`` as an authority and would take it for ``/v1``."""
+    path, _, query = target.partition("?")
+    return path, query
+
+
 def parse_query(query: str) -> dict[str, str]:
     """The connection URL's query: percent-decoded, but '+' kept (the client does not
     encode ids, and ``peer_offline`` must match the id exactly); the first value wins."""

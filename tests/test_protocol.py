@@ -140,3 +140,14 @@ def test_client_id_rules(raw: str, ok: bool) -> None:
     else:
         with pytest.raises(ProtocolError):
             protocol.check_client_id(raw)
+
+
+@pytest.mark.parametrize(("target", "split"), [
+    ("/v1?publickey=k&id=a", ("/v1", "publickey=k&id=a")),
+    ("/v1", ("/v1", "")),
+    ("//other/v1?id=a", ("//other/v1", "id=a")),  # not an authority: not /v1
+    ("https://other/v1?id=a", ("https://other/v1", "id=a")),
+    ("/v1?id=a?b", ("/v1", "id=a?b")),
+])
+def test_split_target_keeps_the_path_as_sent(target: str, split: tuple[str, str]) -> None:
+    assert protocol.split_target(target) == split

@@ -32,7 +32,6 @@ import struct
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from websockets import http11
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -44,7 +43,7 @@ from websockets.protocol import State
 from node import __version__, endpoints
 from node.config import Settings
 from node.ports import Admission, Peers, Status
-from node.protocol import Fault
+from node.protocol import Fault, split_target
 
 if TYPE_CHECKING:
     from node.presence import Peer
@@ -337,17 +336,17 @@ class WebSocketListener:
 
     async def _process_request(self, conn: ServerConnection,
                                request: Request) -> Response | None:
-        url = urlsplit(request.path)
+        path, query = split_target(request.path)
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-        if url.path != "/v1":
+        if path != "/v1":
             if upgrade:
-                why = f"no WebSocket endpoint at {url.path}"
+                why = f"no WebSocket endpoint at {path[:100]}"
                 reply = endpoints.text_reply(HTTPStatus.NOT_FOUND, why)
             else:
-                reply = endpoints.route(self.status, url.path)
+                reply = endpoints.route(self.status, path)
             return _reply(reply.status, reply.body, reply.content_type,
                           {**reply.headers, **self._headers()})
-        admission = await self.peers.admit(url.query, "websocket")
+        admission = await self.peers.admit(query, "websocket")
         if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
             return _reply(admission.status, admission.reason.encode() + b"\n",
                           "text/plain; charset=utf-8", self._headers())

@@ -25,7 +25,6 @@ from collections import Counter
 from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -52,7 +51,7 @@ from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
 from node import __version__, endpoints
 from node.config import Settings
 from node.ports import Peers, Status
-from node.protocol import CLOSE_GOING_AWAY
+from node.protocol import CLOSE_GOING_AWAY, split_target
 from node.transports.wt_session import WebTransportSession
 
 if TYPE_CHECKING:
@@ -81,10 +80,10 @@ def check_connect(headers: dict[bytes, bytes]) -> tuple[int, str, str]:
     scheme = headers.get(b":scheme", b"").decode(errors="replace")[:40]
     if scheme != "https":
         return HTTPStatus.BAD_REQUEST, f"unsupported :scheme {scheme!r}: use https", ""
-    url = urlsplit(headers.get(b":path", b"").decode(errors="replace"))
-    if url.path != "/v1":
-        return HTTPStatus.NOT_FOUND, f"no WebTransport endpoint at {url.path[:100]}", ""
-    return 0, "", url.query
+    path, query = split_target(headers.get(b":path", b"").decode(errors="replace"))
+    if path != "/v1":
+        return HTTPStatus.NOT_FOUND, f"no WebTransport endpoint at {path[:100]}", ""
+    return 0, "", query
 
 
 def datagram_room(quic: QuicConnection, session_id: int) -> int:
@@ -337,7 +336,7 @@ class H3Protocol(QuicConnectionProtocol):
             self._connect(stream_id, headers)
         elif method in (b"GET", b"HEAD"):
             self.server.counters["http3_requests"] += 1
-            path = urlsplit(headers.get(b":path", b"/").decode(errors="replace")).path
+            path, _ = split_target(headers.get(b":path", b"/").decode(errors="replace"))
             reply = endpoints.route(self.server.status, path)
             self._respond(stream_id, reply.status, reply.body, reply.content_type,
                           reply.headers, head=method == b"HEAD")

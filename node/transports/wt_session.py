@@ -136,12 +136,36 @@ def parse_capsules(buf: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
+#: msgpack header byte -> (header bytes, width of its length field, least bytes per item)
+#: for the types that declare a length: bin, str, ext, array, map.
+_SIZED = {0xC4: (2, 1, 1), 0xC5: (3, 2, 1), 0xC6: (5, 4, 1),
+          0xD9: (2, 1, 1), 0xDA: (3, 2, 1), 0xDB: (5, 4, 1),
+          0xC7: (3, 1, 1), 0xC8: (4, 2, 1), 0xC9: (6, 4, 1),
+          0xDC: (3, 2, 1), 0xDD: (5, 4, 1), 0xDE: (3, 2, 2), 0xDF: (5, 4, 2)}
+
+
+def declared_size(buf: bytes | bytearray) -> int:
+    """The least size the msgpack value at the start of ``buf`` declares in its header:
+    0 when its type declares none, -1 when the header is not complete yet."""
+    if not buf:
+        return -1
+    spec = _SIZED.get(buf[0])
+    if spec is None:
+        return 0
+    header, width, per_item = spec
+    if len(buf) < 1 + width:
+        return -1
+    return header + int.from_bytes(buf[1:1 + width], "big") * per_item
+
+
 class FrameSplitter:
     """Cut a stream of concatenated msgpack values into the raw bytes of each value.
 
     Raw bytes rather than decoded objects: ``node.receive`` validates a frame itself,
     exactly as for a WebSocket message or a datagram. ``Unpacker.skip`` walks a value
-    without building it; ``tell()`` gives where it ended.
+    without building it (and applies no length limit); ``tell()`` gives where it ended.
+    A message over ``max_message`` is refused as soon as its header says so, or as soon
+    as that many bytes of it have arrived.
     """
 
     CHUNK = 4096
@@ -151,6 +175,7 @@ class FrameSplitter:
         self._unpacker = msgpack.Unpacker(max_buffer_size=max_message + self.CHUNK)
         self._buf = bytearray()  # fed, not yet returned as frames
         self._pos = 0  # the unpacker's offset at the start of _buf
+        self._checked = False  # the header of the message at _buf[0] was checked
 
     @property
     def pending(self) -> int:
@@ -167,6 +192,12 @@ class FrameSplitter:
                 raise MessageTooBig(f"message larger than {self.max_message} bytes") from None
             self._buf += chunk
             while True:
+                if not self._checked:
+                    declared = declared_size(self._buf)
+                    if declared > self.max_message:
+                        raise MessageTooBig(f"message of {declared} bytes or more: larger "
+                                            f"than {self.max_message} bytes")
+                    self._checked = declared >= 0
                 try:
                     self._unpacker.skip()
                 except msgpack.OutOfData:
@@ -179,6 +210,9 @@ class FrameSplitter:
                         f"stream: not valid msgpack ({type(exc).__name__})") from None
                 end = self._unpacker.tell()
                 size = end - self._pos
+                if size > self.max_message:
+                    raise MessageTooBig(f"message larger than {self.max_message} bytes")
+                self._checked = False
                 frames.append(bytes(self._buf[:size]))
                 del self._buf[:size]
                 self._pos = end
