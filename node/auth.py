@@ -13,7 +13,9 @@ which is what a laptop wants. With keys configured only listed keys are accepted
   error, a body that is not JSON) refuses the connection with 503: the client may try
   again later, nothing is cached. Answers (acceptances and refusals) are cached for
   ``AUTH_WEBHOOK_CACHE`` seconds per (key, id); concurrent look-ups of one pair share
-  one request.
+  one request. The client is one aiohttp session per webhook (keep-alive, at most
+  ``MAX_WEBHOOK_CONNECTIONS`` calls at once), released by :meth:`Auth.aclose` at the
+  node's stop.
 
 The key itself is a secret: it is never logged, only a short fingerprint of it. The
 webhook URL may carry credentials (``https://user:pass@host/...``, sent as Basic auth):
@@ -32,8 +34,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, NoReturn
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
 
 from node import __version__
 
@@ -42,8 +46,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("prscd.auth")
 
-#: Largest webhook answer read (headers and body each).
+#: Largest webhook answer body read; a larger one is a failure (503), not read in full.
 MAX_REPLY_BYTES = 64 * 1024
+#: Webhook calls in flight at once per node; more wait for a connection within the same
+#: timeout. Look-ups are cached and single-flighted per (key, id), so only a reconnect storm
+#: of distinct peers gets near this: it bounds the node's sockets and its load on the webhook
+#: (64 calls of ~20 ms each are ~3,000 look-ups a second) without queueing a normal burst.
+MAX_WEBHOOK_CONNECTIONS = 64
 #: Cached webhook answers kept at most (expired ones are dropped first).
 MAX_CACHE = 10_000
 
@@ -68,83 +77,24 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or '?'}{port}"
 
 
-class WebhookError(Exception):
-    """The webhook did not give a usable answer."""
-
-
-async def post_json(url: str, payload: dict[str, Any], timeout: float,
-                    ssl_context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
-    """One HTTP/1.1 POST with a JSON body; returns (status, body). Raises WebhookError."""
-    parts = urlsplit(url)
-    https = parts.scheme == "https"
-    host = parts.hostname or ""
-    port = parts.port or (443 if https else 80)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    host_header = host if ":" not in host else f"[{host}]"
-    if parts.port:
-        host_header += f":{parts.port}"
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host_header}",
-             "Content-Type: application/json", f"Content-Length: {len(body)}",
-             "Connection: close", f"User-Agent: prscd/{__version__}"]
-    if parts.username is not None:
-        secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        lines.append("Authorization: Basic " + base64.b64encode(secret.encode()).decode())
-    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-    writer = None
-    try:
-        async with asyncio.timeout(timeout):
-            ctx = (ssl_context or ssl.create_default_context()) if https else None
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=ctx, server_hostname=host if https else None,
-                limit=MAX_REPLY_BYTES)
-            writer.write(request)
-            status_line = await reader.readline()
-            try:
-                status = int(status_line.split()[1])
-            except (IndexError, ValueError):
-                raise WebhookError("not an HTTP answer") from None
-            headers: dict[str, str] = {}
-            for _ in range(100):
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
-                headers[name.strip().lower()] = value.strip()
-            reply = await _read_body(reader, headers)
-    except TimeoutError:
-        raise WebhookError(f"no answer within {timeout:g}s") from None
-    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-        raise WebhookError(type(exc).__name__) from None
-    finally:
-        if writer is not None:
-            writer.close()
-    return status, reply
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        out = bytearray()
-        while True:
-            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-            if size == 0 or len(out) + size > MAX_REPLY_BYTES:
-                break
-            out += await reader.readexactly(size)
-            await reader.readline()
-        return bytes(out)
-    if "content-length" in headers:
-        length = int(headers["content-length"])
-        if length > MAX_REPLY_BYTES:
-            raise ValueError("answer too large")
-        return await reader.readexactly(length)
-    return await reader.read(MAX_REPLY_BYTES)
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The answer body, or None when it is over MAX_REPLY_BYTES (then not read in full)."""
+    if (resp.content_length or 0) > MAX_REPLY_BYTES:
+        return None
+    out = bytearray()
+    # One byte over the cap is enough to know; a chunked or unsized answer is cut there.
+    while chunk := await resp.content.read(MAX_REPLY_BYTES + 1 - len(out)):
+        out += chunk
+        if len(out) > MAX_REPLY_BYTES:
+            return None
+    return bytes(out)
 
 
 @dataclass(slots=True)
 class Webhook:
     """The auth webhook client with its short cache."""
 
-    url: str
+    url: str = field(repr=False)  # may carry credentials
     timeout: float = 2.0
     ttl: float = 10.0
     clock: Callable[[], float] = time.monotonic
@@ -153,6 +103,22 @@ class Webhook:
     failures: int = 0
     _cache: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
     _inflight: dict[tuple[str, str], asyncio.Future[str | None]] = field(default_factory=dict)
+    _target: str = field(init=False, repr=False)
+    _headers: dict[str, str] = field(init=False, repr=False)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        # The credentials leave the URL aiohttp is given, so they can be in no error or
+        # request info it makes. They go as Basic auth (UTF-8, as RFC 7617 allows), built
+        # here: aiohttp's own BasicAuth is Latin-1 and deprecated in its recent releases.
+        parts = urlsplit(self.url)
+        self._target = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self._headers = {}
+        if parts.username is not None:
+            secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            self._headers["Authorization"] = (
+                "Basic " + base64.b64encode(secret.encode()).decode())
 
     async def app_for(self, publickey: str, client_id: str) -> str | None:
         """The app, or None when refused; raises AuthUnavailable."""
@@ -190,27 +156,86 @@ class Webhook:
 
     async def _ask(self, publickey: str, client_id: str) -> str | None:
         self.calls += 1
+        if self._closed:
+            self._fail("client closed")
+        body = json.dumps({"publickey": publickey, "id": client_id},
+                          separators=(",", ":")).encode()
         try:
-            status, body = await post_json(self.url, {"publickey": publickey, "id": client_id},
-                                           self.timeout, self.ssl_context)
-        except WebhookError as exc:
-            self.failures += 1
-            log.warning("auth webhook failed url=%s error=%s", redact_url(self.url), exc)
-            raise AuthUnavailable("auth webhook unavailable") from None
+            # One budget for the whole look-up, a retry on a stale connection included.
+            async with asyncio.timeout(self.timeout):
+                status, reply = await self._post(body)
+        except TimeoutError:
+            self._fail(f"no answer within {self.timeout:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            # Only the type: aiohttp's messages name hosts and paths; the log line names
+            # the webhook once, redacted.
+            self._fail(type(exc).__name__)
         if status in (401, 403, 404):
             return None
         if status != 200:
             self.failures += 1
             log.warning("auth webhook failed url=%s status=%d", redact_url(self.url), status)
             raise AuthUnavailable("auth webhook unavailable")
+        if reply is None:
+            self._fail(f"answer over {MAX_REPLY_BYTES // 1024} KiB")
         try:
-            answer = json.loads(body)
+            answer = json.loads(reply)
         except ValueError:
             self.failures += 1
             log.warning("auth webhook answered 200 without JSON url=%s", redact_url(self.url))
             raise AuthUnavailable("auth webhook unavailable") from None
         app = answer.get("app") if isinstance(answer, dict) else None
         return app if isinstance(app, str) and app else None
+
+    def _fail(self, reason: str) -> NoReturn:
+        self.failures += 1
+        log.warning("auth webhook failed url=%s error=%s", redact_url(self.url), reason)
+        raise AuthUnavailable("auth webhook unavailable") from None
+
+    async def _post(self, body: bytes) -> tuple[int, bytes | None]:
+        """One POST: (status, body); the body is read for a 200 only, None if too large."""
+        session = self._open()
+        for attempt in (1, 2):
+            try:
+                async with session.post(self._target, data=body, headers=self._headers,
+                                        allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        return resp.status, b""
+                    return resp.status, await _read_capped(resp)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled keep-alive connection the webhook closed as we sent on it: try
+                # once more on a new one (a look-up is safe to repeat; aiohttp retries
+                # only idempotent methods itself).
+                # A failed connect is not retried, nor anything once aclose() has begun.
+                if (attempt == 2 or session.closed
+                        or isinstance(exc, aiohttp.ClientConnectorError)):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _open(self) -> aiohttp.ClientSession:
+        """The session, made on first use: it belongs to the running loop."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=MAX_WEBHOOK_CONNECTIONS,
+                ssl=self.ssl_context if self.ssl_context is not None else True)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": f"prscd/{__version__}",
+                         "Content-Type": "application/json"},
+                # Answers are tiny: no compression asked for, none undone, so the cap on
+                # the body is a cap on what is held in memory.
+                skip_auto_headers=("Accept-Encoding",), auto_decompress=False,
+                # Look-ups are independent: no cookies carried from one answer to the next.
+                cookie_jar=aiohttp.DummyCookieJar())
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (the node's stop); later look-ups fail with 503."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
 @dataclass(slots=True)
@@ -260,6 +285,11 @@ class Auth:
             raise AuthError(f"publickey refused by the webhook "
                             f"(fingerprint {fingerprint(publickey)})")
         return app
+
+    async def aclose(self) -> None:
+        """Release the webhook client's connections (the node's stop)."""
+        if self.webhook is not None:
+            await self.webhook.aclose()
 
     def reload(self) -> int:
         """Re-read ``PUBLIC_KEYS_FILE`` (SIGHUP). Returns how many keys are now active;
