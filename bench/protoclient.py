@@ -1,6 +1,6 @@
 """A raw WebSocket peer that behaves like ``@yomo/presence`` 2.2.18 on one channel.
 
-What the real client does with each frame (see FIELD-NOTES), without Node or a browser,
+What the real client does with each frame (see docs/client.md), without Node or a browser,
 so thousands fit in one process: on the join ack it sends ``peer_online`` and
 ``peer_state``; on a ``peer_online`` it resets that member to ``{id}`` and answers with
 its state; ``peer_state`` sets a member, ``peer_offline`` removes it; ``data`` goes to

@@ -1,7 +1,7 @@
 """OpenTelemetry tracing: one trace per message, across every node it crosses.
 
 Export is OTLP over HTTP, which Jaeger ingests natively (the old Jaeger exporter package
-cannot be imported with a current SDK: see FIELD-NOTES). The seed's
+cannot be imported with a current SDK: see docs/tracing.md). The seed's
 ``YOMO_TRACE_JAEGER_ENDPOINT`` still works: an OTLP URL is used as it is, and the legacy
 ``http://HOST:14268/api/traces`` form is mapped to ``http://HOST:4318/v1/traces``.
 

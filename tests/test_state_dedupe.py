@@ -1,7 +1,7 @@
 """peer_state dedupe: the same member lists, far fewer deliveries.
 
 The checks drive the pure rules with simulated real clients (what ``@yomo/presence``
-2.2.18 does with each frame, see FIELD-NOTES) over one or two nodes, and compare the
+2.2.18 does with each frame, see docs/client.md) over one or two nodes, and compare the
 member lists every client ends up with, with and without dedupe.
 """
 
