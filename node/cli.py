@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"prscd: {problem}", file=sys.stderr)
             return 2
-        return supervise(settings, args.workers, args.env_file)
+        return supervise(settings, args.workers, args.env_file, settings.environ)
     try:
         import uvloop  # optional: the [fast] extra
     except ImportError:

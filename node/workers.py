@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 from node.config import Settings
 from node.introspect import remove_pid_file, write_pid_file
@@ -57,7 +58,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def supervise(settings: Settings, workers: int, env_file: str) -> int:
+def supervise(settings: Settings, workers: int, env_file: str,
+              environ: Mapping[str, str]) -> int:
+    """Run the workers; each gets ``environ`` (the process environment, as ``load()`` read
+    it: only node/config.py reads ``os.environ``) with its own PORT and PID_FILE."""
     port = settings.port or _free_port(settings.host)
     pid_path = settings.with_(port=port).pid_path()
     command = [sys.executable, "-m", "node", "--env-file", env_file, "run"]
@@ -66,7 +70,7 @@ def supervise(settings: Settings, workers: int, env_file: str) -> int:
     pending: list[int] = []
 
     def start(index: int) -> None:
-        env = {**os.environ, "PORT": str(port), "PID_FILE": f"{pid_path}.{index}"}
+        env = {**environ, "PORT": str(port), "PID_FILE": f"{pid_path}.{index}"}
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
         # forwards one signal (a second one would cut the drain short).
         procs[index] = subprocess.Popen(command, env=env, start_new_session=True,
