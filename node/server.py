@@ -144,14 +144,8 @@ class Node:
             self._close_soon(close)
 
     async def closed(self, peer: Peer, why: str) -> None:
-        if self.links.pop(peer.sid, None) is None:
-            return  # closed by the node already
-        self.guard.closed(peer)
-        channels = len(peer.channels)
-        with self.hops.disconnect(peer):
-            await self._execute(self.presence.disconnect(peer))
-        log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id,
-                 channels, why)
+        if self.links.pop(peer.sid, None) is not None:  # else closed by the node already
+            await self._offline(peer, self._leave(peer, why))
 
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.presence.dropped[reason] += n
@@ -173,8 +167,8 @@ class Node:
                     # The bus has our interest before the joiner gets its ack, so the
                     # answers to its peer_online from other nodes cannot miss us.
                     await self.stream_function.settled()
-            elif self._shut(action):
-                await self.closed(action.peer, _why(action))
+            elif (offline := self._shut(action)) is not None:
+                await self._offline(action.peer, offline)
         return sent
 
     def _deliver(self, action: Deliver) -> int:
@@ -189,23 +183,34 @@ class Node:
             self.count_drop("undeliverable", len(action.peers) - sent)
         return sent
 
-    def _shut(self, close: Close) -> bool:
-        """Count, log and close the link now (its offline events follow); False when
-        the peer is closed already."""
+    def _shut(self, close: Close) -> list[Action] | None:
+        """Count, log and close the link, and take the peer out of the rules' state, now;
+        returns its offline events (None when the peer is closed already)."""
         peer = close.peer
-        link = self.links.get(peer.sid)
+        link = self.links.pop(peer.sid, None)
         if link is None:
-            return False
+            return None
         self.count_drop(close.fault.counter)
         log.warning("closing sid=%s id=%s transport=%s code=%d reason=%s", peer.sid,
                     peer.client_id, peer.transport, close.fault.code, close.reason)
         link.close(close.fault.code, close.reason)
-        return True
+        return self._leave(peer, f"close code={close.fault.code} reason={close.reason!r}")
 
     def _close_soon(self, close: Close) -> None:
-        """From a transport callback: the link closes now, the offline events next."""
-        if self._shut(close):
-            self._spawn(self.closed(close.peer, _why(close)))
+        """From a transport callback: closed now, its offline events next."""
+        if (offline := self._shut(close)) is not None:
+            self._spawn(self._offline(close.peer, offline))
+
+    def _leave(self, peer: Peer, why: str) -> list[Action]:
+        """The peer is out of every channel from now on; returns its offline events."""
+        self.guard.closed(peer)
+        log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id,
+                 len(peer.channels), why)
+        return self.presence.disconnect(peer)
+
+    async def _offline(self, peer: Peer, actions: list[Action]) -> None:
+        with self.hops.disconnect(peer):
+            await self._execute(actions)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -332,10 +337,6 @@ class Node:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.liveness.stop()
         await self.stream_function.close()
-
-
-def _why(close: Close) -> str:
-    return f"close code={close.fault.code} reason={close.reason!r}"
 
 
 def _rss_kib() -> int:

@@ -11,6 +11,7 @@ import msgpack
 from bench.wsclient import WSPeer
 from tests.conftest import NodeFactory
 from tests.helpers import data_frame, insecure, join_frame, joined
+from tests.wt_client import wt_connect
 
 LIMIT = 64 * 1024
 
@@ -65,3 +66,38 @@ async def test_slow_reader_is_closed_1008_and_others_keep_receiving(
     assert slow.close_reason.startswith("slow reader: ") and "bytes queued" in slow.close_reason
     await sender.close()
     await reader.close()
+
+
+async def test_webtransport_slow_reader_is_closed_1008_like_a_websocket_one(
+        node_factory: NodeFactory) -> None:
+    """A datagram peer that stops acknowledging (killed, or its network gone) piles up
+    datagrams in aioquic's queue: past the limit it is closed 1008 and offline at once,
+    not kept (growing) until its idle timeout, and nothing is dropped silently before."""
+    node = await node_factory(WEBTRANSPORT="true", WRITE_BUFFER_LIMIT=str(LIMIT), RATE_LIMIT="0")
+    sender = await joined(node, "room", "sender", ping_interval=None)
+    reader = await joined(node, "room", "reader", ping_interval=None)
+    async with wt_connect(node.port, "/v1?publickey=key&id=slow") as wt:
+        wt.send_datagram(join_frame("room", "slow"))
+        await wt.next_message(match=lambda m: m.get("op") == "channel_join")
+        wt.vanish()
+        n, body = 300, "x" * 900  # each fits one datagram; 270 KB in all
+        got: list[str] = []
+        offline: list[str] = []
+
+        async def read_all() -> None:
+            while len(got) < n or not offline:
+                msg = msgpack.unpackb(await asyncio.wait_for(reader.recv(), 10))
+                if msg["t"] == "data":
+                    got.append(msgpack.unpackb(msg["pl"])["data"])
+                elif msg.get("op") == "peer_offline":
+                    offline.append(msg["p"])
+
+        reading = asyncio.create_task(read_all())
+        for i in range(n):
+            await sender.send(data_frame("room", "m", f"{i:04d}{body}"))
+        await asyncio.wait_for(reading, 20)
+    assert [g[:4] for g in got] == [f"{i:04d}" for i in range(n)]
+    assert offline == ["slow"]
+    dropped = node.node.presence.dropped
+    assert dropped["slow_reader"] == 1 and dropped["undeliverable"] == 0
+    assert "slow" not in {p.client_id for p in node.node.presence.peers.values()}
