@@ -123,6 +123,36 @@ class Settings:
                                      "Seconds to wait for the webhook; then 503.")
     auth_webhook_cache: float = _S("auth", "AUTH_WEBHOOK_CACHE", "seconds", 10.0,
                                    "Seconds an answer (admit or refuse) is cached per (key, id).")
+    auth_token_secret: str = _S("tokens", "AUTH_TOKEN_SECRET", "password", "",
+                                "HS256 secret: publickeys that are JWTs signed with it are "
+                                "tokens (sub = id).", secret=True)
+    auth_token_public_key_file: str = _S("tokens", "AUTH_TOKEN_PUBLIC_KEY_FILE", "path", "",
+                                         "PEM public key verifying ES256 / RS256 tokens.")
+    auth_jwks_url: str = _S("tokens", "AUTH_JWKS_URL", "url", "",
+                            "JWKS of the token issuer: fetched, cached, refreshed on an "
+                            "unknown kid.")
+    auth_token_leeway: float = _S("tokens", "AUTH_TOKEN_LEEWAY", "seconds", 30.0,
+                                  "Clock skew allowed on a token's exp / nbf / iat.")
+
+    api_port: int = _S("server API", "API_PORT", "port", 8444,
+                       "HTTPS port of the server API (node certificate); on when API_KEYS is set.")
+    api_keys: str = _S("server API", "API_KEYS", "password", "",
+                       "Comma-separated bearer keys for the server API; empty = API off.",
+                       secret=True)
+    api_query_timeout: float = _S("server API", "API_QUERY_TIMEOUT", "positive", 1.0,
+                                  "Seconds a mesh-wide answer waits for the other nodes.")
+
+    webhook_url: str = _S("webhooks", "WEBHOOK_URL", "url", "",
+                          "Where batched, signed membership events are POSTed; empty = off.",
+                          secret=True)
+    webhook_secret: str = _S("webhooks", "WEBHOOK_SECRET", "password", "",
+                             "HMAC-SHA256 key of the X-Prscd-Signature header.", secret=True)
+    webhook_grace: float = _S("webhooks", "WEBHOOK_GRACE", "seconds", 5.0,
+                              "A member back within this many seconds never left (no events).")
+    webhook_queue: int = _S("webhooks", "WEBHOOK_QUEUE", "int", 10000,
+                            "Events waiting for delivery at most; more are dropped (counted).")
+    webhook_timeout: float = _S("webhooks", "WEBHOOK_TIMEOUT", "positive", 5.0,
+                                "Seconds one delivery may take before it is retried.")
 
     max_message_bytes: int = _S("limits", "MAX_MESSAGE_SIZE", "int", 64 * 1024,
                                 "Largest message in bytes; a bigger one closes with 1009.")
