@@ -69,6 +69,7 @@ class Fault(Enum):
     OVERLOADED = (1013, "wt_backlog")  # sends on a stream faster than the node handles
     TOO_MANY_CHANNELS = (4008, "too_many_channels")  # >= 4000: the client does not retry
     CHANNEL_FULL = (4008, "channel_full")
+    CHANNEL_FORBIDDEN = (4003, "channel_forbidden")  # a join outside the token's channels
 
     def __init__(self, code: int, counter: str) -> None:
         self.code = code
