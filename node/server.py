@@ -167,7 +167,7 @@ class Node:
                     # The bus has our interest before the joiner gets its ack, so the
                     # answers to its peer_online from other nodes cannot miss us.
                     await self.stream_function.settled()
-            elif (offline := self._shut(action)) is not None:
+            elif isinstance(action, Close) and (offline := self._shut(action)) is not None:
                 await self._offline(action.peer, offline)
         return sent
 

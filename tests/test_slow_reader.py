@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 import msgpack
+from websockets.asyncio.client import ClientConnection
 
 from bench.wsclient import WSPeer
 from tests.conftest import NodeFactory
@@ -14,6 +15,28 @@ from tests.helpers import data_frame, insecure, join_frame, joined
 from tests.wt_client import wt_connect
 
 LIMIT = 64 * 1024
+
+
+async def send_and_read(sender: ClientConnection, reader: ClientConnection, n: int,
+                        body: str) -> tuple[list[str], list[str]]:
+    """Send n numbered messages; read them all at ``reader`` and the peer_offline seen."""
+    got: list[str] = []
+    offline: list[str] = []
+
+    async def read_all() -> None:
+        while len(got) < n or not offline:
+            msg = msgpack.unpackb(await asyncio.wait_for(reader.recv(), 10))
+            if msg["t"] == "data":
+                got.append(msgpack.unpackb(msg["pl"])["data"])
+            elif msg.get("op") == "peer_offline":
+                offline.append(msg["p"])
+
+    reading = asyncio.create_task(read_all())
+    for i in range(n):
+        await sender.send(data_frame("room", "m", f"{i:04d}{body}"))
+    await asyncio.wait_for(reading, 20)
+    assert [g[:4] for g in got] == [f"{i:04d}" for i in range(n)]  # all of them, in order
+    return got, offline
 
 
 async def test_slow_reader_is_closed_1008_and_others_keep_receiving(
@@ -34,24 +57,8 @@ async def test_slow_reader_is_closed_1008_and_others_keep_receiving(
     link.ws.transport.get_extra_info("socket").setsockopt(
         socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
-    n, body = 200, "x" * 8000  # 1.6 MB in all: far past the limit
-    got: list[str] = []
-    offline: list[str] = []
-
-    async def read_all() -> None:
-        while len(got) < n:
-            msg = msgpack.unpackb(await asyncio.wait_for(reader.recv(), 10))
-            if msg["t"] == "data":
-                got.append(msgpack.unpackb(msg["pl"])["data"])
-            elif msg.get("op") == "peer_offline":
-                offline.append(msg["p"])
-
-    reading = asyncio.create_task(read_all())
-    for i in range(n):
-        await sender.send(data_frame("room", "m", f"{i:04d}{body}"))
-    await asyncio.wait_for(reading, 20)
-
-    assert [g[:4] for g in got] == [f"{i:04d}" for i in range(n)]  # all of them, in order
+    body = "x" * 8000  # 200 of them, 1.6 MB in all: far past the limit
+    _, offline = await send_and_read(sender, reader, 200, body)
     assert offline == ["slow"]
     assert node.node.presence.dropped["slow_reader"] == 1
     assert "slow" not in {p.client_id for p in node.node.presence.peers.values()}
@@ -80,23 +87,8 @@ async def test_webtransport_slow_reader_is_closed_1008_like_a_websocket_one(
         wt.send_datagram(join_frame("room", "slow"))
         await wt.next_message(match=lambda m: m.get("op") == "channel_join")
         wt.vanish()
-        n, body = 300, "x" * 900  # each fits one datagram; 270 KB in all
-        got: list[str] = []
-        offline: list[str] = []
-
-        async def read_all() -> None:
-            while len(got) < n or not offline:
-                msg = msgpack.unpackb(await asyncio.wait_for(reader.recv(), 10))
-                if msg["t"] == "data":
-                    got.append(msgpack.unpackb(msg["pl"])["data"])
-                elif msg.get("op") == "peer_offline":
-                    offline.append(msg["p"])
-
-        reading = asyncio.create_task(read_all())
-        for i in range(n):
-            await sender.send(data_frame("room", "m", f"{i:04d}{body}"))
-        await asyncio.wait_for(reading, 20)
-    assert [g[:4] for g in got] == [f"{i:04d}" for i in range(n)]
+        # 300 of them, each fitting one datagram: 270 KB in all.
+        _, offline = await send_and_read(sender, reader, 300, "x" * 900)
     assert offline == ["slow"]
     dropped = node.node.presence.dropped
     assert dropped["slow_reader"] == 1 and dropped["undeliverable"] == 0
