@@ -8,6 +8,7 @@ one token, ``>`` the rest) so what works on one node works on the mesh.
 from __future__ import annotations
 
 import abc
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ class BusMessage:
     subject: str
     data: bytes
     headers: dict[str, str] | None = None
+    #: Where an answer goes (request/reply, mesh/query.py); empty for a plain message.
+    reply: str = ""
 
 
 Handler = Callable[[BusMessage], Awaitable[None]]
@@ -67,10 +70,15 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, subject: str, data: bytes,
-                      headers: dict[str, str] | None = None) -> None: ...
+                      headers: dict[str, str] | None = None, *, reply: str = "") -> None:
+        """Send; ``reply`` names the subject an answer should go to (request/reply)."""
 
     @abc.abstractmethod
     async def subscribe(self, subject: str, handler: Handler) -> Subscription: ...
+
+    @abc.abstractmethod
+    def new_inbox(self) -> str:
+        """A subject nobody else uses, for answers: subscribe ``<inbox>.*`` to get them."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -114,9 +122,9 @@ class EmbeddedBus(Bus):
         self._set_state(EMBEDDED)
 
     async def publish(self, subject: str, data: bytes,
-                      headers: dict[str, str] | None = None) -> None:
+                      headers: dict[str, str] | None = None, *, reply: str = "") -> None:
         self.published += 1
-        message = BusMessage(subject, data, headers)
+        message = BusMessage(subject, data, headers, reply)
         for sub in list(self._subs):
             if sub.active and subject_matches(sub.pattern, subject):
                 await sub.handler(message)
@@ -125,6 +133,9 @@ class EmbeddedBus(Bus):
         sub = _EmbeddedSubscription(self, subject, handler)
         self._subs.append(sub)
         return sub
+
+    def new_inbox(self) -> str:
+        return f"_INBOX.{secrets.token_hex(11)}"
 
     async def close(self) -> None:
         self._subs.clear()

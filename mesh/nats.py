@@ -150,7 +150,8 @@ class _NatsSubscription(Subscription):
         self.active = True
 
     async def deliver(self, msg: Msg) -> None:
-        message = BusMessage(msg.subject, msg.data, dict(msg.headers) if msg.headers else None)
+        message = BusMessage(msg.subject, msg.data, dict(msg.headers) if msg.headers else None,
+                             msg.reply or "")
         try:
             await self.handler(message)
         except Exception:
@@ -317,7 +318,7 @@ class NatsBus(Bus):
         return True
 
     async def publish(self, subject: str, data: bytes,
-                      headers: dict[str, str] | None = None) -> None:
+                      headers: dict[str, str] | None = None, *, reply: str = "") -> None:
         conn = self._src
         if conn is None:
             raise BusUnavailable("this bus does not send")
@@ -326,7 +327,7 @@ class NatsBus(Bus):
             raise BusUnavailable(f"nats {conn.state}")
         try:
             # While reconnecting nats-py buffers (up to its pending size) and sends later.
-            await conn.nc.publish(subject, data, headers=headers)
+            await conn.nc.publish(subject, data, reply=reply, headers=headers)
         except Exception:
             self.publish_failed += 1
             raise
@@ -341,6 +342,13 @@ class NatsBus(Bus):
         else:
             conn.waiting.add(sub)
         return sub
+
+    def new_inbox(self) -> str:
+        """nats-py's inbox (``_INBOX.<nuid>``): answers come back to the stream-function
+        connection, which subscribes ``<inbox>.*``; requests leave through the source."""
+        conn = self._sf or self._src
+        assert conn is not None
+        return conn.nc.new_inbox()
 
     async def _attach(self, conn: _Connection, sub: _NatsSubscription) -> None:
         if not sub.active:
