@@ -18,6 +18,8 @@ Benchmarks (``--only`` takes a comma-separated list):
 - ``latency``:  two nodes on one nats-server; same-node and cross-node p50/p99 vs raw
   nats-py pub->sub
 - ``tracing``:  fan-out with tracing on vs off (skipped while the node exports no spans)
+- ``members``:  the server API's members query of a 3,000-member channel on three nodes;
+  p50/p99 vs raw nats-py request/reply of the same size, and the nodes' CPU per query
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 
 from bench.procs import ROOT
 
-ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing")
+ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members")
 
 
 def machine() -> dict[str, Any]:
@@ -63,7 +65,7 @@ def machine() -> dict[str, Any]:
 
 def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         storm_plain: bool) -> dict[str, Any]:
-    from bench import capacity, fanout, joinstorm, latency, slow, tracing_overhead
+    from bench import capacity, fanout, joinstorm, latency, members_query, slow, tracing_overhead
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
                                                 if quick else {})),
         "tracing": lambda: tracing_overhead.run(logs, **({"peers": 200, "rounds": 1,
                                                           "duration": 1.5} if quick else {})),
+        "members": lambda: members_query.run(logs, **({"members": 300, "queries": 50,
+                                                       "warmup": 5} if quick else {})),
     }
     todo = list(names)
     if "fanout" in todo:
@@ -201,6 +205,17 @@ def markdown(r: dict[str, Any]) -> str:
             _n(tr["deliveries_per_s_tracing_on"]),
             f"{_n(tr['deliveries_per_s_tracing_off'])} (tracing off)",
             f"{tr['ratio_on_vs_off']:.2f}x", "-")
+    mq = r.get("members")
+    if mq is not None and not skipped("members query", mq):
+        api, raw = mq["prscd_api"], mq["raw_nats"]
+        row(f"members query p50 / p99 ({mq['members']:,} members on {mq['nodes']} nodes, "
+            f"{mq['answer_bytes'] / 1024:.0f} KiB JSON)",
+            f"{api['p50_ms']:.2f} / {api['p99_ms']:.2f} ms",
+            f"{raw['p50_ms']:.2f} / {raw['p99_ms']:.2f} ms (nats-py request/reply, same size)",
+            f"{mq['ratio_p50_ms']:.1f}x / {mq['ratio_p99_ms']:.1f}x", "-")
+        others = ", ".join(f"{c:.2f}" for c in mq["cpu_ms_per_query_other_nodes"])
+        row("members query: node CPU per query", f"{mq['cpu_ms_per_query_asked_node']:.2f} ms "
+            f"(asked node)", f"{others} ms (the other nodes)", "-", "-")
     return "\n".join(lines) + "\n"
 
 

@@ -100,7 +100,7 @@ async def test_a_reply_over_the_askers_limit_is_dropped_counted_and_not_waited_f
 
 
 async def test_a_handler_never_runs_inside_the_bus_callback() -> None:
-    bus, qs = await mesh(["a"])
+    _, qs = await mesh(["a"])
     calls: list[str] = []
     qs["a"].handle("slow", lambda body: calls.append("ran") or {})
     request = msgpack.packb({"v": 1, "kind": "slow", "body": {}, "from": "other"})
