@@ -200,7 +200,7 @@ class MeshQuery:
             pending.check()
             return
         try:
-            reply = msgpack.unpackb(data[offset:], raw=False, strict_map_key=False)
+            reply = msgpack.unpackb(memoryview(data)[offset:], raw=False, strict_map_key=False)
             answer = reply["answer"] if "answer" in reply else {"error": str(reply["error"])}
             if not isinstance(answer, dict):
                 raise TypeError("answer is not a map")
