@@ -1,13 +1,21 @@
-"""publickey -> app id: static keys (reloadable) and an optional auth webhook.
+"""publickey -> app id: tokens, static keys (reloadable) and an optional auth webhook.
 
-With no keys and no webhook configured every non-empty key maps to one default app,
-which is what a laptop wants. With keys configured only listed keys are accepted.
+With no keys, no webhook and no token key configured every non-empty key maps to one
+default app, which is what a laptop wants. With keys configured only listed keys are
+accepted.
+
+* Tokens (any of ``AUTH_TOKEN_SECRET``, ``AUTH_TOKEN_PUBLIC_KEY_FILE``, ``AUTH_JWKS_URL``):
+  a ``publickey`` that is a JWT is verified by :mod:`node.tokens` and nothing else; its
+  ``sub`` must be the client id; it may name the app and the channels the peer may join.
+  Anything else goes the ways below; with token auth on and nothing else configured,
+  that is a refusal (403), never the default app.
 
 * ``PUBLIC_KEYS_FILE`` is re-read on SIGHUP (:meth:`Auth.reload`): new connections use
   the new keys at once, existing peers keep the app they were admitted with. A file that
   cannot be read or parsed leaves the old keys in place.
 * ``AUTH_WEBHOOK_URL``: for a key not in the static keys, the node POSTs
-  ``{"publickey": KEY, "id": CLIENT_ID}`` (JSON) and expects ``200 {"app": "APP"}``.
+  ``{"publickey": KEY, "id": CLIENT_ID}`` (JSON) and expects ``200 {"app": "APP"}``,
+  optionally with ``"channels": [...]`` (as a token's claim; a malformed list refuses).
   401, 403, 404 or a 200 without a string ``app`` refuse the key (HTTP 403 to the
   client); anything else (a timeout after ``AUTH_WEBHOOK_TIMEOUT``, a 5xx, a connection
   error, a body that is not JSON) refuses the connection with 503: the client may try
@@ -17,7 +25,7 @@ which is what a laptop wants. With keys configured only listed keys are accepted
   ``MAX_WEBHOOK_CONNECTIONS`` calls at once), released by :meth:`Auth.aclose` at the
   node's stop.
 
-The key itself is a secret: it is never logged, only a short fingerprint of it. The
+The key (or token) itself is a secret: it is never logged, only a short fingerprint. The
 webhook URL may carry credentials (``https://user:pass@host/...``, sent as Basic auth):
 only its scheme, host and port are ever logged.
 """
@@ -33,6 +41,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -40,6 +49,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import aiohttp
 
 from node import __version__
+from node.limits import parse_channels
+from node.tokens import KeysUnavailable, TokenExpired, TokenRefused, TokenVerifier, looks_like_jwt
 
 if TYPE_CHECKING:
     from node.config import Settings
@@ -58,11 +69,36 @@ MAX_CACHE = 10_000
 
 
 class AuthError(Exception):
-    """The key was refused (HTTP 403)."""
+    """The key was refused: HTTP ``status`` with ``answer``, what the client is told;
+    ``str(exc)`` (with a fingerprint, never the key) is for the log."""
+
+    status = HTTPStatus.FORBIDDEN
+
+    def __init__(self, message: str, answer: str = "publickey rejected") -> None:
+        super().__init__(message)
+        self.answer = answer
+
+
+class AuthExpired(AuthError):
+    """The token has expired (HTTP 401): the client needs a new one."""
+
+    status = HTTPStatus.UNAUTHORIZED
 
 
 class AuthUnavailable(Exception):
-    """The key could not be checked right now (HTTP 503)."""
+    """The key could not be checked right now (HTTP 503, ``answer`` to the client)."""
+
+    def __init__(self, message: str, answer: str = "cannot check the publickey now") -> None:
+        super().__init__(message)
+        self.answer = answer
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An admitted key: the app (realm) and the channels it may join (None = any)."""
+
+    app: str
+    channels: tuple[str, ...] | None = None
 
 
 def fingerprint(key: str) -> str:
@@ -101,8 +137,9 @@ class Webhook:
     ssl_context: ssl.SSLContext | None = None
     calls: int = 0
     failures: int = 0
-    _cache: dict[tuple[str, str], tuple[float, str | None]] = field(default_factory=dict)
-    _inflight: dict[tuple[str, str], asyncio.Future[str | None]] = field(default_factory=dict)
+    _cache: dict[tuple[str, str], tuple[float, Grant | None]] = field(default_factory=dict)
+    _inflight: dict[tuple[str, str], asyncio.Future[Grant | None]] = field(
+        default_factory=dict)
     _target: str = field(init=False, repr=False)
     _headers: dict[str, str] = field(init=False, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
@@ -121,7 +158,12 @@ class Webhook:
                 "Basic " + base64.b64encode(secret.encode()).decode())
 
     async def app_for(self, publickey: str, client_id: str) -> str | None:
-        """The app, or None when refused; raises AuthUnavailable."""
+        """The app of :meth:`grant_for`, or None when refused."""
+        grant = await self.grant_for(publickey, client_id)
+        return grant.app if grant is not None else None
+
+    async def grant_for(self, publickey: str, client_id: str) -> Grant | None:
+        """The app and channels, or None when refused; raises AuthUnavailable."""
         key = (publickey, client_id)
         hit = self._cache.get(key)
         if hit is not None and hit[0] > self.clock():
@@ -129,21 +171,21 @@ class Webhook:
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Grant | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            app = await self._ask(publickey, client_id)
+            grant = await self._ask(publickey, client_id)
         except AuthUnavailable as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: no "never retrieved" warning without waiters
             raise
         finally:
             del self._inflight[key]
-        future.set_result(app)
-        self._remember(key, app)
-        return app
+        future.set_result(grant)
+        self._remember(key, grant)
+        return grant
 
-    def _remember(self, key: tuple[str, str], app: str | None) -> None:
+    def _remember(self, key: tuple[str, str], grant: Grant | None) -> None:
         if self.ttl <= 0:
             return
         now = self.clock()
@@ -152,9 +194,9 @@ class Webhook:
                 del self._cache[k]
             while len(self._cache) >= MAX_CACHE:
                 del self._cache[next(iter(self._cache))]
-        self._cache[key] = (now + self.ttl, app)
+        self._cache[key] = (now + self.ttl, grant)
 
-    async def _ask(self, publickey: str, client_id: str) -> str | None:
+    async def _ask(self, publickey: str, client_id: str) -> Grant | None:
         self.calls += 1
         if self._closed:
             self._fail("client closed")
@@ -185,7 +227,17 @@ class Webhook:
             log.warning("auth webhook answered 200 without JSON url=%s", redact_url(self.url))
             raise AuthUnavailable("auth webhook unavailable") from None
         app = answer.get("app") if isinstance(answer, dict) else None
-        return app if isinstance(app, str) and app else None
+        if not isinstance(app, str) or not app:
+            return None
+        if "channels" not in answer:
+            return Grant(app)
+        try:
+            return Grant(app, parse_channels(answer["channels"]))
+        except ValueError as exc:
+            # The webhook's mistake, not the client's: refuse (fail closed) and say why.
+            log.warning("auth webhook answered a malformed channels list url=%s error=%s",
+                        redact_url(self.url), exc)
+            return None
 
     def _fail(self, reason: str) -> NoReturn:
         self.failures += 1
@@ -247,6 +299,7 @@ class Auth:
     env_keys: dict[str, str] = field(default_factory=dict)
     keys_file: str = ""
     webhook: Webhook | None = None
+    tokens: TokenVerifier | None = None
 
     @classmethod
     def from_keys(cls, keys: dict[str, str], default_app: str = "default") -> Auth:
@@ -258,10 +311,12 @@ class Auth:
         if settings.auth_webhook_url:
             webhook = Webhook(settings.auth_webhook_url, settings.auth_webhook_timeout,
                               settings.auth_webhook_cache)
+        tokens = TokenVerifier.from_settings(settings)
         return cls(keys=dict(settings.public_keys), default_app=settings.default_app,
-                   open_mode=not settings.keys_configured,
+                   # Token auth on: a key that is not a token is no way into the default app.
+                   open_mode=not settings.keys_configured and tokens is None,
                    env_keys=dict(settings.public_keys_env),
-                   keys_file=settings.public_keys_file, webhook=webhook)
+                   keys_file=settings.public_keys_file, webhook=webhook, tokens=tokens)
 
     def app_for(self, publickey: str) -> str:
         """The static answer (open mode or listed keys); raises AuthError."""
@@ -273,23 +328,45 @@ class Auth:
         return app
 
     async def resolve(self, publickey: str, client_id: str) -> str:
-        """Static keys first, then the webhook. Raises AuthError (403) or
-        AuthUnavailable (503)."""
+        """The app of :meth:`grant`."""
+        return (await self.grant(publickey, client_id)).app
+
+    async def grant(self, publickey: str, client_id: str) -> Grant:
+        """A token (when token auth is on and the key is a JWT), else static keys, then
+        the webhook. Raises AuthExpired (401), AuthError (403) or AuthUnavailable (503)."""
+        if self.tokens is not None and looks_like_jwt(publickey):
+            return await self._token(publickey, client_id)
         try:
-            return self.app_for(publickey)
+            return Grant(self.app_for(publickey))
         except AuthError:
             if self.webhook is None:
                 raise
-        app = await self.webhook.app_for(publickey, client_id)
-        if app is None:
+        grant = await self.webhook.grant_for(publickey, client_id)
+        if grant is None:
             raise AuthError(f"publickey refused by the webhook "
                             f"(fingerprint {fingerprint(publickey)})")
-        return app
+        return grant
+
+    async def _token(self, token: str, client_id: str) -> Grant:
+        assert self.tokens is not None
+        try:
+            claims = await self.tokens.verify(token, client_id)
+        except TokenExpired as exc:
+            raise AuthExpired(f"{exc} (token fingerprint {fingerprint(token)})",
+                              str(exc)) from None
+        except TokenRefused as exc:
+            raise AuthError(f"{exc} (token fingerprint {fingerprint(token)})",
+                            str(exc)) from None
+        except KeysUnavailable:
+            raise AuthUnavailable("JWKS unavailable", "cannot check the token now") from None
+        return Grant(claims.app or self.default_app, claims.channels)
 
     async def aclose(self) -> None:
-        """Release the webhook client's connections (the node's stop)."""
+        """Release the webhook's and the JWKS client's connections (the node's stop)."""
         if self.webhook is not None:
             await self.webhook.aclose()
+        if self.tokens is not None:
+            await self.tokens.aclose()
 
     def reload(self) -> int:
         """Re-read ``PUBLIC_KEYS_FILE`` (SIGHUP). Returns how many keys are now active;

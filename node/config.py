@@ -411,6 +411,32 @@ The webhook gets `POST {"publickey": KEY, "id": ID}` (JSON) for every key not li
 other answer refuses with 503 (fail closed, not cached). The URL may carry credentials
 (`https://user:pass@host/path`, sent as Basic auth); it is never logged. More:
 [SECURITY.md](../SECURITY.md).""",
+    "tokens": """\
+Any of the first three keys turns token auth on: a `publickey` that is a JWT is verified
+(PyJWT) with the configured keys, whose type alone sets the algorithm (HS256 for the secret,
+which must be at least 32 bytes; ES256 or RS256 for the PEM and JWKS keys). Its `sub` must be
+the `id` (else 403), `exp` is required (expired: 401), `app` picks the app and `channels` the
+channels it may join (a join outside them closes 4003). Keys that are not JWTs go the way of
+the auth section; with token auth on and none of its keys set, they are refused (403), not
+let into `DEFAULT_APP`. The JWKS is refetched on an unknown `kid` at most every 5 s; while it
+is unreachable, unknown kids get 503. A token is checked only when a connection opens. More:
+[tokens.md](tokens.md).""",
+    "server API": """\
+With `API_KEYS` set the node serves the server API on `API_PORT` (HTTPS with the node's
+certificate, plain HTTP when `TLS=false`): channels, members with their state, a user's
+presence, and publish into a channel, each mesh-wide. Every node answers the other nodes'
+questions whether or not it has keys; a node that has not answered within
+`API_QUERY_TIMEOUT` is listed under `nodes.missing`. Requests carry
+`Authorization: Bearer KEY`; keys are never logged. More: [api.md](api.md).""",
+    "webhooks": """\
+With `WEBHOOK_URL` set, each node POSTs `{"events": [...]}` batches (100 events, or 1 s after
+the first) of `member_joined` / `member_left` (an id's first / last connection in a channel
+on that node) and `channel_occupied` / `channel_vacated` (mesh-wide, decided by asking the
+other nodes), signed `X-Prscd-Signature: t=...,v1=<HMAC-SHA256 of t.body>`. 5xx, 408, 429,
+timeouts and connection errors are retried with backoff until the node stops; other answers
+refuse the batch (dropped, counted). Queueing never waits: past `WEBHOOK_QUEUE` events are
+dropped and counted (`webhook_queue_full`). The URL may carry credentials; it is never
+logged. More: [webhooks.md](webhooks.md).""",
     "limits": """\
 Server pings carry an 8-byte big-endian millisecond timestamp. The real client answers every
 `peer_online` with its state, to the whole channel, so N peers joining at once cost N^3/2

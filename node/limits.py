@@ -13,6 +13,10 @@
   credits one ``peer_online`` and one ``peer_state`` per channel. Credit is spent before
   tokens, only by those ops, and capped. A ``peer_online`` is never credited by another
   ``peer_online`` (only by an ack), so two peers cannot bounce them for free.
+* **Allowed channels**: a peer admitted with a list of channels (a token's ``channels``
+  claim, or the auth webhook's answer) may join only those; any other join closes the
+  connection with 4003 ``channel not allowed by the token: <name>``
+  (:func:`channel_allowed`; the list is checked by :func:`parse_channels` at admission).
 * **Channels per peer** and **peers per channel** (local peers of this node): a join over
   either is refused by closing the connection with 4008 and the reason. The real client
   waits for a join ack forever and has no error path; an ack that never comes leaves the
@@ -43,6 +47,42 @@ if TYPE_CHECKING:
 OK: Final = 0
 DROP: Final = 1
 FLOOD: Final = 2
+
+#: Most patterns in one list of allowed channels: matching a join walks the list, so its
+#: length bounds the cost of every join (a token rides in the URL, HTTP_MAX_LINE bytes).
+MAX_CHANNEL_PATTERNS: Final = 256
+
+
+def parse_channels(claim: object) -> tuple[str, ...]:
+    """A list of allowed channels, checked: strings naming a channel (at most
+    ``MAX_CHANNEL_BYTES``), where ``*`` may only end a pattern (``team-7/*``; a lone ``*``
+    is every channel). Raises ValueError with a short reason for anything else."""
+    if not isinstance(claim, list):
+        raise ValueError("channels is not a list")
+    if len(claim) > MAX_CHANNEL_PATTERNS:
+        raise ValueError(f"more than {MAX_CHANNEL_PATTERNS} channels")
+    for pattern in claim:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError("a channel is not a non-empty string")
+        if len(pattern.encode()) > protocol.MAX_CHANNEL_BYTES:
+            raise ValueError(f"a channel is longer than {protocol.MAX_CHANNEL_BYTES} bytes")
+        if "*" in pattern[:-1]:
+            raise ValueError("'*' may only end a channel pattern")
+    return tuple(claim)
+
+
+def channel_allowed(allowed: tuple[str, ...] | None, name: str) -> bool:
+    """May a peer with these allowed channels (None = any) join ``name``? A pattern is a
+    name, or a prefix followed by ``*``."""
+    if allowed is None:
+        return True
+    for pattern in allowed:
+        if pattern[-1] == "*":
+            if name.startswith(pattern[:-1]):
+                return True
+        elif name == pattern:
+            return True
+    return False
 
 
 class Bucket:
@@ -140,6 +180,10 @@ class Guard:
             self.asked_state([p for p in channel.peers.values() if p is not sender])
 
     def _check_join(self, peer: Peer, name: str) -> Close | int:
+        if not channel_allowed(peer.allowed_channels, name):
+            # A close, not a silent drop: the client waits for the ack forever otherwise.
+            return Close(peer, Fault.CHANNEL_FORBIDDEN,
+                         f"channel not allowed by the token: {name}")
         if self.max_channels and len(peer.channels) >= self.max_channels:
             return Close(peer, Fault.TOO_MANY_CHANNELS,
                          f"too many channels: at most {self.max_channels} per connection")

@@ -28,6 +28,8 @@ class Admission:
     reason: str = ""
     client_id: str = ""
     app: str = ""
+    #: The channels the peer may join (a token's ``channels`` claim); None = any.
+    channels: tuple[str, ...] | None = None
 
 
 class Link(Protocol):

@@ -31,6 +31,13 @@ class Peer:
     transport: str
     channels: set[str] = field(default_factory=set)
     rtt_ms: float | None = None
+    #: The channels this peer may join (a token's ``channels`` claim); None = any. Named
+    #: apart from ``channels``, the ones it is in. Checked by node/limits.py.
+    allowed_channels: tuple[str, ...] | None = None
+    #: channel -> the ``pl`` of this peer's last ``peer_state`` (or its join) there, and
+    #: when (Presence's counter, not a clock): the server API shows the latest per id.
+    states: dict[str, bytes] = field(default_factory=dict)
+    state_seq: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +74,19 @@ class Close:
     reason: str
 
 
-Action = Deliver | Publish | Interest | Close
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A client id got its first connection in a channel on this node (``joined``), or its
+    last one there went. Other tabs of the same id, or the id on another node, make no
+    transition: this is per node, for membership webhooks (node/webhooks.py)."""
+
+    app: str
+    channel: str
+    client_id: str
+    joined: bool
+
+
+Action = Deliver | Publish | Interest | Close | Member
 
 
 #: Who sent a ``peer_state``: a local sid, or (node id, sid) for a member on another node.
@@ -117,6 +136,7 @@ class Presence:
         #: Why frames were dropped, by reason. Adapters add their own reasons.
         self.dropped: Counter[str] = Counter()
         self.handled = 0
+        self._state_seq = 0
 
     # -- local peers ---------------------------------------------------------
 
@@ -127,10 +147,13 @@ class Presence:
         """Apply one decoded frame from a local peer, in arrival order."""
         self.handled += 1
         if sig.op == protocol.CHANNEL_JOIN:
+            self._keep_state(peer, sig.c, sig.pl)
             return self._join(peer, sig.c)
         if sig.c not in peer.channels:
             self.dropped["not_joined"] += 1
             return []
+        if sig.op == protocol.PEER_STATE:
+            self._keep_state(peer, sig.c, sig.pl)
         if self.dedupe_state and sig.op is not None:
             channel = self.realms[peer.app].channels[sig.c]
             if sig.op == protocol.PEER_ONLINE:
@@ -160,8 +183,12 @@ class Presence:
         if _id_present(channel, peer.client_id, but=peer.sid):
             actions: list[Action] = [p for p in self._forward(peer, offline)
                                      if not isinstance(p, Deliver)]
+            last_here = not _id_local(channel, peer.client_id, but=peer.sid)
         else:
             actions = self._forward(peer, offline)
+            last_here = True
+        if last_here:
+            actions.append(Member(peer.app, name, peer.client_id, False))
         actions.extend(self._remove(peer, name))
         return actions
 
@@ -174,6 +201,8 @@ class Presence:
         if channel is None:
             channel = realm.channels[name] = Channel(name)
             actions.append(Interest(peer.app, name, True))
+        if peer.sid not in channel.peers and not _id_local(channel, peer.client_id):
+            actions.append(Member(peer.app, name, peer.client_id, True))
         channel.peers[peer.sid] = peer
         peer.channels.add(name)
         if self.dedupe_state:
@@ -207,8 +236,19 @@ class Presence:
             actions.insert(0, Deliver(others, protocol.encode(out)))
         return actions
 
+    def _keep_state(self, peer: Peer, name: str, pl: bytes | None) -> None:
+        if pl is None:
+            peer.states.pop(name, None)
+            peer.state_seq.pop(name, None)
+            return
+        self._state_seq += 1
+        peer.states[name] = pl
+        peer.state_seq[name] = self._state_seq
+
     def _remove(self, peer: Peer, name: str) -> list[Action]:
         peer.channels.discard(name)
+        peer.states.pop(name, None)
+        peer.state_seq.pop(name, None)
         realm = self.realms.get(peer.app)
         if realm is None or (channel := realm.channels.get(name)) is None:
             return []
@@ -290,6 +330,47 @@ class Presence:
     def channel_count(self) -> int:
         return sum(len(realm.channels) for realm in self.realms.values())
 
+    # The server API's local answers (node/answers.py merges them across nodes).
+
+    def channels(self, app: str) -> list[dict[str, Any]]:
+        """``app``'s channels with local peers: name, and members (distinct ids here)."""
+        realm = self.realms.get(app)
+        if realm is None:
+            return []
+        return [{"name": name, "members": len({p.client_id for p in channel.peers.values()})}
+                for name, channel in sorted(realm.channels.items())]
+
+    def members(self, app: str, name: str) -> list[dict[str, Any]]:
+        """Each client id with local peers in the channel, once: ``connections`` here and
+        ``state``, the ``pl`` (msgpack) its connections sent last (None before any)."""
+        realm = self.realms.get(app)
+        channel = realm.channels.get(name) if realm else None
+        if channel is None:
+            return []
+        by_id: dict[str, list[Any]] = {}  # id -> [connections, seq, state]
+        for p in channel.peers.values():
+            seq = p.state_seq.get(name, 0)
+            entry = by_id.get(p.client_id)
+            if entry is None:
+                by_id[p.client_id] = [1, seq, p.states.get(name)]
+                continue
+            entry[0] += 1
+            if seq > entry[1]:
+                entry[1:] = [seq, p.states.get(name)]
+        return [{"id": cid, "state": state, "connections": n}
+                for cid, (n, _, state) in sorted(by_id.items())]
+
+    def user(self, app: str, client_id: str) -> dict[str, Any]:
+        """The channels ``client_id`` is in here, and its connections here (in a channel
+        or not). Scans this node's connections: bounded by MAX_CONNECTIONS."""
+        names: set[str] = set()
+        connections = 0
+        for p in self.peers.values():
+            if p.client_id == client_id and p.app == app:
+                connections += 1
+                names |= p.channels
+        return {"channels": sorted(names), "connections": connections}
+
     def snapshot(self) -> dict[str, Any]:
         """A plain-data view for dumps; no secrets (keys are not part of the state)."""
         return {
@@ -318,6 +399,11 @@ def _id_present(channel: Channel, client_id: str, but: str = "") -> bool:
         if p.client_id == client_id and p.sid != but:
             return True
     return client_id in channel.remote.values()
+
+
+def _id_local(channel: Channel, client_id: str, but: str = "") -> bool:
+    """Is a local peer with this client id (other than sid ``but``) in the channel?"""
+    return any(p.client_id == client_id and p.sid != but for p in channel.peers.values())
 
 
 # -- peer_state dedupe (see Presence) ----------------------------------------------------

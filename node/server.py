@@ -18,21 +18,25 @@ import logging
 import resource
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mesh.bridge import TAG_PEER, MeshEvent, Source, StreamFunction
+from mesh.bridge import TAG_BACKEND, TAG_PEER, MeshEvent, Source, StreamFunction
 from mesh.bus import Bus
 from mesh.liveness import Liveness
 from mesh.tracing import Tracing
-from node import __version__, protocol
+from node import __version__, answers, protocol
 from node.auth import Auth, AuthError, AuthUnavailable
 from node.config import Settings
 from node.hops import Hops
 from node.limits import Guard
 from node.ports import Admission, Link
-from node.presence import Action, Close, Deliver, Interest, Peer, Presence, Publish
-from node.protocol import Fault, ProtocolError
+from node.presence import Action, Close, Deliver, Interest, Member, Peer, Presence, Publish
+from node.protocol import Fault, ProtocolError, Signalling
 from node.tls import CertInfo
+
+if TYPE_CHECKING:
+    from mesh.query import MeshQuery
+    from node.webhooks import Webhooks
 
 log = logging.getLogger("prscd.node")
 
@@ -70,6 +74,8 @@ class Node:
         self.started_at = time.monotonic()
         self.draining = False
         self.delivered = 0
+        #: Membership webhooks (node/webhooks.py), set by node/app.py when WEBHOOK_URL is.
+        self.webhooks: Webhooks | None = None
 
     @property
     def mesh_id(self) -> str:
@@ -94,18 +100,21 @@ class Node:
             self.count_drop("connection_limit")
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, full)
         try:
-            app = await self.auth.resolve(publickey, client_id)
-        except AuthError as exc:
-            log.info("rejected transport=%s id=%s reason=%s", transport, client_id, exc)
-            return Admission(HTTPStatus.FORBIDDEN, "publickey rejected")
-        except AuthUnavailable:
+            grant = await self.auth.grant(publickey, client_id)
+        except AuthError as exc:  # 403, or 401 for an expired token (AuthExpired)
+            log.info("rejected transport=%s id=%s status=%d reason=%s", transport, client_id,
+                     exc.status, exc)
+            return Admission(exc.status, exc.answer)
+        except AuthUnavailable as exc:
             self.count_drop("auth_unavailable")
-            return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "cannot check the publickey now")
-        return Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", client_id, app)
+            return Admission(HTTPStatus.SERVICE_UNAVAILABLE, exc.answer)
+        return Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", client_id, grant.app,
+                         grant.channels)
 
     def open(self, admission: Admission, transport: str, link: Link) -> Peer:
         peer = Peer(sid=f"{next(self._sids):x}", client_id=admission.client_id,
-                    app=admission.app, transport=transport)
+                    app=admission.app, transport=transport,
+                    allowed_channels=admission.channels)
         self.links[peer.sid] = link
         self.presence.connect(peer)
         self.guard.opened(peer, time.monotonic())
@@ -150,6 +159,23 @@ class Node:
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.presence.dropped[reason] += n
 
+    # -- the server API (node/api.py) ------------------------------------------
+
+    def answer_queries(self, query: MeshQuery) -> None:
+        """Answer the mesh-wide questions of the server API about our local peers."""
+        answers.register(query, self.presence, self.mesh_id)
+
+    async def push(self, sig: Signalling) -> int:
+        """Backend data (tag 0x21, see mesh/backend.py) into a channel: our peers get it
+        here, the other nodes through the Source. Our StreamFunction drops our own node
+        id's messages, so nobody gets it twice. Returns the local deliveries."""
+        sent = 0
+        realm = self.presence.realms.get(sig.app or "")
+        if realm is not None and sig.c in realm.channels:
+            sent = await self._execute(self.presence.dispatch_remote(sig, self.node_id))
+        await self.source.publish(sig, TAG_BACKEND)
+        return sent
+
     # -- carrying out actions ------------------------------------------------
 
     async def _execute(self, actions: list[Action]) -> int:
@@ -163,10 +189,15 @@ class Node:
                     await self.source.publish(action.sig, headers=headers)
             elif isinstance(action, Interest):
                 self.stream_function.interest(action.app, action.channel, action.active)
+                if self.webhooks is not None:
+                    self.webhooks.channel(action.app, action.channel, action.active)
                 if action.active:
                     # The bus has our interest before the joiner gets its ack, so the
                     # answers to its peer_online from other nodes cannot miss us.
                     await self.stream_function.settled()
+            elif isinstance(action, Member):
+                if self.webhooks is not None:  # queued: never awaits
+                    self.webhooks.member(action)
             elif isinstance(action, Close) and (offline := self._shut(action)) is not None:
                 await self._offline(action.peer, offline)
         return sent
@@ -299,6 +330,7 @@ class Node:
             "publish_failed": self.source.failed,
             "mesh_received": self.stream_function.received,
             "dropped": dict(self.presence.dropped),
+            **({"webhooks": self.webhooks.stats()} if self.webhooks is not None else {}),
         }
 
     def metrics_text(self) -> str:
@@ -312,6 +344,8 @@ class Node:
             f"prscd_mesh_received_total {self.stream_function.received}",
             f"prscd_bus_up {int(self.bus.up)}",
         ]
+        if self.webhooks is not None:
+            lines += self.webhooks.metrics_lines()
         lines += [f'prscd_dropped_total{{reason="{r}"}} {n}'
                   for r, n in sorted(self.presence.dropped.items())]
         return "\n".join(lines) + "\n"
