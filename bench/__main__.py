@@ -20,6 +20,8 @@ Benchmarks (``--only`` takes a comma-separated list):
 - ``tracing``:  fan-out with tracing on vs off (skipped while the node exports no spans)
 - ``members``:  the server API's members query of a 3,000-member channel on three nodes;
   p50/p99 vs raw nats-py request/reply of the same size, and the nodes' CPU per query
+- ``webhooks``: 500 joins/s (raw peers joining and leaving) with membership webhooks to a
+  local receiver, vs webhooks off: join -> receiver p50/p99, batches/s, CPU per join
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any
 
 from bench.procs import ROOT
 
-ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members")
+ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks")
 
 
 def machine() -> dict[str, Any]:
@@ -65,7 +67,16 @@ def machine() -> dict[str, Any]:
 
 def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         storm_plain: bool) -> dict[str, Any]:
-    from bench import capacity, fanout, joinstorm, latency, members_query, slow, tracing_overhead
+    from bench import (
+        capacity,
+        fanout,
+        joinstorm,
+        latency,
+        members_query,
+        slow,
+        tracing_overhead,
+        webhooks,
+    )
 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -92,6 +103,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
                                                           "duration": 1.5} if quick else {})),
         "members": lambda: members_query.run(logs, **({"members": 300, "queries": 50,
                                                        "warmup": 5} if quick else {})),
+        "webhooks": lambda: webhooks.run(logs, **({"peers": 100, "rate": 100.0, "duration": 2.0,
+                                                   "rounds": 1} if quick else {})),
     }
     todo = list(names)
     if "fanout" in todo:
@@ -216,6 +229,18 @@ def markdown(r: dict[str, Any]) -> str:
         others = ", ".join(f"{c:.2f}" for c in mq["cpu_ms_per_query_other_nodes"])
         row("members query: node CPU per query", f"{mq['cpu_ms_per_query_asked_node']:.2f} ms "
             f"(asked node)", f"{others} ms (the other nodes)", "-", "-")
+    w = r.get("webhooks")
+    if w is not None and not skipped("webhooks", w):
+        row(f"webhooks ({w['rate']:.0f} joins/s): join -> receiver p50 / p99; batches",
+            f"{w['delivery_p50_ms']:.0f} / {w['delivery_p99_ms']:.0f} ms; "
+            f"{w['batches_per_s']} batches/s of {w['events_per_batch']} events", "-", "-", "-")
+        row("webhooks: join ack p50 / p99; node CPU per join",
+            f"{w['ack_p50_ms_on']:.2f} / {w['ack_p99_ms_on']:.2f} ms; "
+            f"{w['node_cpu_ms_per_join_on']:.3f} ms (webhooks on)",
+            f"{w['ack_p50_ms_off']:.2f} / {w['ack_p99_ms_off']:.2f} ms; "
+            f"{w['node_cpu_ms_per_join_off']:.3f} ms (off)",
+            f"{w['cpu_ratio_on_vs_off']:.2f}x CPU "
+            f"({w['webhook_cpu_ms_per_event_added']:+.3f} ms per event)", "-")
     return "\n".join(lines) + "\n"
 
 

@@ -2,9 +2,10 @@
 
 Nothing else wires parts together. The Node gets its bus, tracing and auth from here;
 each listener gets the node only as the narrow interfaces of :mod:`node.ports`, plus
-the settings. Start: bus, then the node joins the mesh, then the listeners accept
-peers. Stop: refuse new peers, close the listeners (peers get 1001), the peers left go
-offline, leave the mesh, close the bus, flush the spans, close the auth client.
+the settings. Start: bus, then the node answers mesh queries (mesh/query.py) and joins
+the mesh, then the listeners (and the server API, node/api.py) accept peers. Stop: refuse
+new peers, close the listeners (peers get 1001), the peers left go offline, leave the
+mesh, stop answering queries, close the bus, flush the spans, close the auth client.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from typing import Any, Protocol
 
 from mesh.bridge import new_node_id
 from mesh.bus import Bus, EmbeddedBus
+from mesh.query import MeshQuery
 from mesh.tracing import make_tracing
+from node.api import ApiListener
 from node.auth import Auth
 from node.config import Settings
 from node.server import Node
 from node.tls import CertInfo, server_context
 from node.transports.websocket import WebSocketListener
 from node.transports.webtransport import WebTransportListener
+from node.webhooks import Webhooks
 
 log = logging.getLogger("prscd.app")
 
@@ -47,6 +51,15 @@ class App:
         self.node = Node(settings, node_id=node_id, bus=bus or make_bus(settings),
                          tracing=make_tracing(settings, node_id, span_exporter),
                          auth=Auth.from_settings(settings), cert=cert)
+        # Every node answers the server API's mesh-wide questions, API_KEYS set or not.
+        self.query = MeshQuery(self.node.bus, node_id, self.node.liveness,
+                               settings.api_query_timeout, on_drop=self.node.count_drop)
+        self.node.answer_queries(self.query)
+        if settings.webhook_url:  # channel events ask the mesh too (node/occupancy.py)
+            self.node.webhooks = Webhooks(settings, node_id=node_id,
+                                          presence=self.node.presence,
+                                          count_drop=self.node.count_drop, query=self.query)
+        self.api_port: int | None = None
         self.listeners: list[Listener] = []
         self.addresses: list[tuple[str, int]] = []
         self.port = settings.port
@@ -55,7 +68,10 @@ class App:
     async def start(self) -> None:
         settings, node = self.settings, self.node
         await node.bus.connect()
+        await self.query.start()
         await node.start()
+        if node.webhooks is not None:
+            node.webhooks.start()
         cert = node.cert
         ssl = server_context(cert) if (settings.tls and cert) else None
         ws = WebSocketListener(settings, node, node)
@@ -67,6 +83,10 @@ class App:
             wt = WebTransportListener(settings, node, node)
             self.addresses += await wt.start(self.port, cert)
             self.listeners.append(wt)
+        if settings.api_keys:
+            api = ApiListener(settings, node, self.query)
+            self.api_port = (await api.start(ssl))[0][1]
+            self.listeners.append(api)
         log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s", node.node_id,
                  settings.mesh_id, self.port, ssl is not None, node.bus.kind)
 
@@ -79,6 +99,9 @@ class App:
         for listener in self.listeners:
             await listener.close()
         await node.stop()
+        if node.webhooks is not None:  # the peers' member_left events are queued by now
+            await node.webhooks.aclose()
+        await self.query.stop()
         await node.bus.close()
         await node.tracing.aclose()
         await node.auth.aclose()
