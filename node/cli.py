@@ -139,5 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop  # optional: the [fast] extra
     except ImportError:
-        return asyncio.run(run_node(settings))
-    return uvloop.run(run_node(settings))
+        uvloop = None
+    try:
+        # Some settings can only be checked when used (a token key file): same answer.
+        return (uvloop.run if uvloop else asyncio.run)(run_node(settings))
+    except ConfigError as exc:
+        print(f"prscd: configuration error: {exc}", file=sys.stderr)
+        return 2

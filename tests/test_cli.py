@@ -161,3 +161,18 @@ async def test_sigterm_drains_first_when_configured(tmp_path: Path) -> None:
                     await asyncio.wait_for(ws.recv(), 5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert await asyncio.wait_for(prscd.proc.wait(), 5) == 0
+
+
+async def test_an_unusable_token_key_is_a_configuration_error(tmp_path: Path) -> None:
+    """Checked when the node is built, not when settings are read: same clear answer."""
+    env = {**os.environ, "PORT": "0", "AUTH_TOKEN_SECRET": "tiny-secret-value",
+           "CERT_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = await asyncio.create_subprocess_exec(
+        *PRSCD, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    assert b"configuration error: AUTH_TOKEN_SECRET" in err and b"Traceback" not in err
+    assert b"tiny-secret-value" not in err  # the secret is never echoed
