@@ -33,7 +33,6 @@ only its scheme, host and port are ever logged.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -44,12 +43,11 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from node import __version__
 from node.limits import parse_channels
+from node.outbound import client_session, redact_url, split_credentials
 from node.tokens import KeysUnavailable, TokenExpired, TokenRefused, TokenVerifier, looks_like_jwt
 
 if TYPE_CHECKING:
@@ -106,13 +104,6 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def redact_url(url: str) -> str:
-    """A URL fit for logs: scheme, host and port only."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname or '?'}{port}"
-
-
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
     """The answer body, or None when it is over MAX_REPLY_BYTES (then not read in full)."""
     if (resp.content_length or 0) > MAX_REPLY_BYTES:
@@ -146,16 +137,7 @@ class Webhook:
     _closed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
-        # The credentials leave the URL aiohttp is given, so they can be in no error or
-        # request info it makes. They go as Basic auth (UTF-8, as RFC 7617 allows), built
-        # here: aiohttp's own BasicAuth is Latin-1 and deprecated in its recent releases.
-        parts = urlsplit(self.url)
-        self._target = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self._headers = {}
-        if parts.username is not None:
-            secret = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            self._headers["Authorization"] = (
-                "Basic " + base64.b64encode(secret.encode()).decode())
+        self._target, self._headers = split_credentials(self.url)
 
     async def app_for(self, publickey: str, client_id: str) -> str | None:
         """The app of :meth:`grant_for`, or None when refused."""
@@ -267,19 +249,9 @@ class Webhook:
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use: it belongs to the running loop."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=MAX_WEBHOOK_CONNECTIONS,
-                ssl=self.ssl_context if self.ssl_context is not None else True)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                headers={"User-Agent": f"prscd/{__version__}",
-                         "Content-Type": "application/json"},
-                # Answers are tiny: no compression asked for, none undone, so the cap on
-                # the body is a cap on what is held in memory.
-                skip_auto_headers=("Accept-Encoding",), auto_decompress=False,
-                # Look-ups are independent: no cookies carried from one answer to the next.
-                cookie_jar=aiohttp.DummyCookieJar())
+            self._session = client_session(
+                self.timeout, limit=MAX_WEBHOOK_CONNECTIONS,
+                headers={"Content-Type": "application/json"}, ssl_context=self.ssl_context)
         return self._session
 
     async def aclose(self) -> None:

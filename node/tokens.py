@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
-from urllib.parse import urlsplit
 
 import aiohttp
 import jwt
@@ -36,9 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.utils import base64url_decode
 
-from node import __version__
 from node.config import ConfigError
 from node.limits import parse_channels
+from node.outbound import client_session, redact_url
 
 if TYPE_CHECKING:
     from node.config import Settings
@@ -196,7 +195,7 @@ class Jwks:
 
     async def _fetch(self) -> None:
         self.fetches += 1
-        where = _redact(self.url)
+        where = redact_url(self.url)
         try:
             async with asyncio.timeout(self.timeout):
                 keys = await self._get()
@@ -248,10 +247,8 @@ class Jwks:
     def _open(self) -> aiohttp.ClientSession:
         """The session, made on first use: it belongs to the running loop."""
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                headers={"User-Agent": f"prscd/{__version__}", "Accept": "application/json"},
-                cookie_jar=aiohttp.DummyCookieJar())
+            self._session = client_session(self.timeout, limit=4,
+                                           headers={"Accept": "application/json"})
         return self._session
 
     async def aclose(self) -> None:
@@ -267,13 +264,6 @@ class Jwks:
 
 class _JwksError(ValueError):
     """A JWKS answer we cannot use; ``str(exc)`` is log-safe."""
-
-
-def _redact(url: str) -> str:
-    """A URL fit for logs: scheme, host and port only (as node/auth.py's redact_url)."""
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{parts.hostname or '?'}{port}"
 
 
 class TokenVerifier:

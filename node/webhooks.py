@@ -20,7 +20,6 @@ A full queue drops new events, counted. What the receiver is promised: docs/webh
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -34,14 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 
-from node import __version__
-from node.auth import redact_url
 from node.grace import Grace
 from node.occupancy import Occupancy
+from node.outbound import client_session, redact_url, split_credentials
 from node.presence import Member
 
 if TYPE_CHECKING:
@@ -167,15 +164,8 @@ class Sender:
         self.mesh_id, self.timeout, self.limit = mesh_id, timeout, limit
         self.batch_max, self.window, self.stop_flush = batch_max, window, stop_flush
         self._secret, self._count_drop, self._rand, self._clock = secret, count_drop, rand, clock
-        parts = urlsplit(url)
-        # The credentials leave the URL aiohttp is given (so no error of it names them) and
-        # go as Basic auth, as node/auth.py's Webhook does.
-        self._target = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        self._headers = {"Content-Type": "application/json",
-                         "User-Agent": f"prscd/{__version__}"}
-        if parts.username is not None:
-            cred = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            self._headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
+        self._target, credentials = split_credentials(url)
+        self._headers = {"Content-Type": "application/json", **credentials}
         self.stats = SenderStats()
         #: Held elsewhere but waiting for delivery too (the grace window): counts to the bound.
         self.held: Callable[[], int] = lambda: 0
@@ -297,11 +287,7 @@ class Sender:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=4),
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                skip_auto_headers=("Accept-Encoding",), auto_decompress=False,
-                cookie_jar=aiohttp.DummyCookieJar())
+            self._session = client_session(self.timeout, limit=4)
         return self._session
 
     async def aclose(self) -> None:
