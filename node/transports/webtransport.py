@@ -392,7 +392,8 @@ class WebTransportListener:
         self.servers: list[QuicServer] = []
         self.connections: set[H3Protocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        #: datagrams_in/out, stream_fallback, stream_messages_out, http3_requests.
+        #: datagrams_in/out, stream_fallback (also dropped.wt_too_big_for_datagram),
+        #: stream_messages_out, http3_requests.
         self.counters: Counter[str] = Counter()
         self.idle_timeout = settings.wt_idle_timeout
 

@@ -10,7 +10,10 @@ Delivery to the peer:
   neither splits nor rejects a datagram larger than a packet: it keeps it at the head
   of its queue forever and every later datagram waits behind it. So each message is
   sized against the connection's real payload room first, and a message that does
-  not fit goes on a server-opened unidirectional stream instead.
+  not fit goes on a server-opened unidirectional stream instead. @yomo/presence in
+  Chromium never reads those, so each is also counted as dropped (wt_too_big_for_datagram)
+  and logged once per peer: messages over 1137 bytes with aioquic's defaults
+  (tests/test_wt_fallback.py, docs/webtransport.md).
 * reliable mode: once the peer writes on a stream (concatenated msgpack maps), it
   is answered the same way, on one server-opened unidirectional stream.
 
@@ -66,6 +69,8 @@ MAX_CAPSULE_BYTES = 16 * 1024
 #: queued until a later transmit without a pending ACK. (Read from the code; not seen on
 #: loopback, where 1169-byte payloads went through at once.)
 ACK_ROOM = 32
+#: The drop counter of a datagram peer's message sent on a stream instead (see send()).
+TOO_BIG_FOR_DATAGRAM = "wt_too_big_for_datagram"
 
 
 class SessionIO(Protocol):
@@ -248,6 +253,7 @@ class WebTransportSession:
         self._capsules = bytearray()
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._connect_stream_done = False
+        self._fallback_logged = False
 
     def start(self, peer: Peer) -> asyncio.Task[None]:
         self.peer = peer
@@ -270,7 +276,7 @@ class WebTransportSession:
                 if waiting >= BACKLOG_FROM and waiting % BACKLOG_CHECK == 0:
                     self._backlog()
                 return True
-            self.counters["stream_fallback"] += 1
+            self._too_big_for_datagram(len(frame))
         return self._send_on_stream(frame)
 
     def close(self, code: int, reason: str) -> None:
@@ -366,6 +372,22 @@ class WebTransportSession:
             self.io.schedule_transmit()
 
     # -- internals -------------------------------------------------------------
+
+    def _too_big_for_datagram(self, size: int) -> None:
+        """A datagram peer gets this message on a stream, which @yomo/presence in Chromium
+        never reads (docs/client.md): for it the message is lost. Counted as a drop, logged
+        once per peer (a big-state channel would otherwise log every message)."""
+        self.counters["stream_fallback"] += 1
+        self.peers.count_drop(TOO_BIG_FOR_DATAGRAM)
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            peer = self.peer
+            log.warning("message of %d bytes over the datagram room of %d sid=%s id=%s: sent "
+                        "on a unidirectional stream, which @yomo/presence in Chromium never "
+                        "reads; later ones to this peer are only counted (dropped.%s)", size,
+                        self.io.datagram_room(self.session_id) - ACK_ROOM,
+                        peer.sid if peer else "-", peer.client_id if peer else "-",
+                        TOO_BIG_FOR_DATAGRAM)
 
     def _send_on_stream(self, frame: bytes) -> bool:
         io = self.io
