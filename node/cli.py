@@ -12,7 +12,7 @@ import sys
 import time
 
 from node import __version__
-from node.config import ConfigError, Settings, load
+from node.config import ConfigError, Settings, legacy_warnings, load
 
 log = logging.getLogger("prscd")
 
@@ -66,6 +66,9 @@ async def run_node(settings: Settings) -> int:
     from node.introspect import install_signal_handlers, remove_pid_file, write_pid_file
     from node.tls import ensure_certificate
 
+    # A .env brought from the Go prscd would otherwise give a lone node without a word.
+    for line in legacy_warnings(settings.extra):
+        log.warning("%s", line)
     cert = None
     if settings.tls:
         cert = ensure_certificate(settings.cert_file, settings.key_file,

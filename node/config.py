@@ -287,6 +287,61 @@ TABLE: tuple[Key, ...] = tuple(replace(f.metadata["key"], name=f.name)
 BY_ENV: dict[str, Key] = {key.env: key for key in TABLE}
 
 
+# ---- keys of the Go prscd that mean nothing here ---------------------------------------------
+
+_MESH_ADVICE = ("the mesh here is NATS: set NATS_URL (this region's NATS servers); without it "
+                "this node runs alone on an embedded bus")
+_LOG_ADVICE = "logs here are logfmt lines on stderr only; redirect them where you start prscd"
+
+#: Go key -> (what it did in the Go prscd, what to set here instead). Values are never shown:
+#: YOMO_CREDENTIAL is a secret, and the others are not needed to give the advice.
+LEGACY: dict[str, tuple[str, str]] = {
+    "WITH_YOMO_ZIPPER": ("true started a YoMo zipper inside the process (./yomo.yaml)",
+                         _MESH_ADVICE),
+    "AS_YOMO_ZIPPER": ("older name of WITH_YOMO_ZIPPER", _MESH_ADVICE),
+    "YOMO_ZIPPER": ("host:port of the YoMo zipper the node's source and stream function joined",
+                    _MESH_ADVICE),
+    "YOMO_CREDENTIAL": ("credential the node presented to the YoMo zipper",
+                        "set the NATS credential instead: NATS_CREDS_FILE, NATS_TOKEN, or "
+                        "NATS_USER with NATS_PASSWORD (NATS_NKEY_FILE for an NKey seed)"),
+    "YOMO_LOG_LEVEL": ("log level of the YoMo SDK (debug, info, warn, error)", ""),
+    "YOMO_LOG_OUTPUT": ("file for the YoMo SDK's log", _LOG_ADVICE),
+    "YOMO_LOG_ERROR_OUTPUT": ("file for the YoMo SDK's error log", _LOG_ADVICE),
+    "YOMO_LOG_FORMAT": ("text or json for the YoMo SDK's log", _LOG_ADVICE),
+    "YOMO_LOG_VERBOSE": ("source lines in the YoMo SDK's log", _LOG_ADVICE),
+}
+
+#: YOMO_LOG_LEVEL -> advice. There is no level below info here: DEBUG=true or the default.
+_GO_LEVELS: dict[str, str] = {
+    "debug": "set DEBUG=true for debug logs",
+    "info": "nothing to set: info is the default here",
+    "warn": "nothing to set: this node logs at info (no quieter level)",
+    "error": "nothing to set: this node logs at info (no quieter level)",
+}
+
+
+def legacy_warnings(extra: Mapping[str, str]) -> list[str]:
+    """One line per key of the Go prscd that is set (non-blank) in ``extra``: what it did
+    there and what to set here. Only YOMO_LOG_LEVEL's value is shown, and only when it is
+    one of the Go levels (docs/coming-from-go.md)."""
+    lines = []
+    for env, (did, advice) in LEGACY.items():
+        raw = extra.get(env)
+        if raw is None or not raw.strip():
+            continue
+        shown = env
+        if env == "YOMO_LOG_LEVEL":
+            level = raw.strip().lower()
+            level = "warn" if level == "warning" else level
+            if level in _GO_LEVELS:
+                shown, advice = f"{env}={level}", _GO_LEVELS[level]
+            else:
+                advice = "not a Go level (debug, info, warn, error); DEBUG=true gives debug logs"
+        lines.append(f"legacy Go prscd key {shown} is ignored (there: {did}); {advice}. "
+                     "See docs/coming-from-go.md")
+    return lines
+
+
 # How a key's text becomes a value. Each reader gets the key's non-blank text.
 
 def _bad(key: Key, raw: str, why: str) -> ConfigError:
