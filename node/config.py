@@ -174,7 +174,9 @@ class Settings:
     max_channels_per_peer: int = _S("limits", "MAX_CHANNELS_PER_PEER", "int", 64,
                                     "Channels one connection may join (4008); 0 = no limit.")
     max_peers_per_channel: int = _S("limits", "MAX_PEERS_PER_CHANNEL", "int", 1000,
-                                    "Peers of one channel on this node (4008); 0 = no limit.")
+                                    "Peers of one channel connected to this node process, "
+                                    "not mesh-wide: peers on other nodes (or workers) do not "
+                                    "count; the next join gets 4008; 0 = no limit.")
     max_connections: int = _S("limits", "MAX_CONNECTIONS", "int", 10000,
                               "Connections per node process, more get HTTP 503; 0 = no limit.")
     handshake_timeout: float = _S("limits", "HANDSHAKE_TIMEOUT", "positive", 10.0,
