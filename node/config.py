@@ -587,7 +587,8 @@ def markdown() -> str:
         "code 2 and a message naming the key; a secret's value is never echoed, there or in",
         "the logs. Keys not in these tables are left to the adapters that want them (`OTEL_*`,",
         "see [tracing](#tracing)). [`.env.example`](../.env.example) lists every key with its",
-        "default (`python -m node.config --env-example > .env.example`).",
+        "default (`python -m node.config --env-example > .env.example`). Coming from the Go",
+        "prscd: [coming-from-go.md](coming-from-go.md) (its keys get a warning at start-up).",
     ]
     for section, keys in _sections().items():
         out += ["", f"## {section}", "", "| key | default | type | meaning |",
