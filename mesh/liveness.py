@@ -20,11 +20,14 @@ go offline. A new process is a new node id, so a restarted node never revives st
 members: its old id times out or said goodbye.
 
 Resync: if our link was gone long enough for others to declare us dead, or a node we
-declared dead turns out to be alive (a healed partition), our local peers are asked to
+declared dead turns out to be alive (a healed partition), or the bus was down at some
+point before our first link while local peers were joining (their events could not go
+out), our local peers are asked to
 re-announce themselves (``on_resync``: the node sends each a join ack, which makes the
 client send ``peer_online`` + ``peer_state`` for every channel, and remote clients
 answer with their ``peer_state``). That rebuilds membership both ways with the normal
-client handshake.
+client handshake. A node whose bus was up from the start has lost nothing before its
+first heartbeat comes back: a peer joining in that first second gets one join ack.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.bus import Bus, BusMessage, Subscription
+from mesh.bus import UP_STATES, Bus, BusMessage, Subscription
 
 log = logging.getLogger("prscd.mesh.liveness")
 
@@ -101,12 +104,22 @@ class Liveness:
         self._next_beat = 0.0
         self._stopping = False
         self._ever_linked = False
+        #: The bus was down at some point before our first link: what local peers
+        #: published meanwhile may be lost (mesh/nats.py: a publish before the first
+        #: connect fails; across a reconnect it is at most once).
+        self._bus_was_down = not bus.up
+        bus.on_state(self._on_bus_state)
 
     # -- lifecycle -------------------------------------------------------------
+
+    def _on_bus_state(self, state: str) -> None:
+        if state not in UP_STATES:
+            self._bus_was_down = True
 
     async def start(self) -> None:
         now = self.clock()
         self.link_lost_at = now  # not proven yet: no resync owed for the start itself
+        self._bus_was_down = not self.bus.up  # (no peer could join before this)
         self._sub = await self.bus.subscribe(ALL_NODES, self._receive)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -229,8 +242,12 @@ class Liveness:
             for info in self.nodes.values():
                 info.last_seen = max(info.last_seen, now)
             first, self._ever_linked = not self._ever_linked, True
-            if first and self.stats().get("peers", 0):
-                # The bus came up after local peers joined: nobody heard of them yet.
+            if first and self.stats().get("peers", 0) and (
+                    self._bus_was_down or gap > self.link_grace):
+                # The bus came up (or our first heartbeat came back unusually late) after
+                # local peers joined: their events may not have reached anybody. With the
+                # bus up all along they went out, and a second join ack would only make
+                # every client announce itself twice.
                 log.warning("mesh link up after %.1fs with local peers: asking them to "
                             "re-announce", gap)
                 self.on_resync("first link with local peers")
