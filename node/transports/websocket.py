@@ -61,6 +61,8 @@ def _spawn(coro: Any) -> None:
 
 
 OPEN = State.OPEN
+#: How long a stopping node waits for its peers' closing handshakes before aborting.
+STOP_GRACE = 1.0
 
 
 def frame_header(length: int) -> bytes:
@@ -389,10 +391,26 @@ class WebSocketListener:
         return [s.getsockname()[:2] for s in self.server.sockets]
 
     async def close(self) -> None:
+        """Every peer gets 1001; one that has not closed within ``STOP_GRACE`` is aborted.
+
+        The library's close waits for the write buffer to drain, with no timeout: a peer
+        that stopped reading would hold the node's stop (tests/test_stop.py). Aborting it
+        ends its handler, which reports it closed, so its offline events still go out.
+        """
         self.keepalive.stop()
-        if self.server is not None:
-            self.server.close(close_connections=True)
-            await self.server.wait_closed()
+        server = self.server
+        if server is None:
+            return
+        server.close(close_connections=True)
+        try:
+            await asyncio.wait_for(asyncio.shield(server.wait_closed()), STOP_GRACE)
+        except TimeoutError:
+            stuck = list(server.all_connections)
+            log.warning("stop: aborting %d connections not closed within %.1fs (not reading "
+                        "or not answering the close)", len(stuck), STOP_GRACE)
+            for ws in stuck:
+                ws.transport.abort()
+            await server.wait_closed()
 
     async def _handler(self, ws: ServerConnection) -> None:
         admission: Admission = ws.prscd_admission  # type: ignore[attr-defined]
