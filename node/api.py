@@ -90,32 +90,28 @@ def decode_part(raw: str, what: str) -> str:
                        f"{what} is not UTF-8 once percent-decoded") from None
 
 
-def check_app(name: str) -> str:
+def _check_name(name: str, what: str, limit: int, *, controls_ok: bool) -> str:
     try:
         size = len(name.encode())
     except UnicodeEncodeError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "app is not valid UTF-8") from None
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} is not valid UTF-8") from None
     if not name:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "app must not be empty")
-    if size > MAX_APP_BYTES:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"app longer than {MAX_APP_BYTES} bytes")
-    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in name):
-        raise ApiError(HTTPStatus.BAD_REQUEST, "app contains control characters")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} must not be empty")
+    if size > limit:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} longer than {limit} bytes")
+    if not controls_ok and any(ord(ch) < 0x20 or ch == "\x7f" for ch in name):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} contains control characters")
     return name
+
+
+def check_app(name: str) -> str:
+    return _check_name(name, "app", MAX_APP_BYTES, controls_ok=False)
 
 
 def check_channel(name: str) -> str:
-    """As ``protocol.decode`` checks ``c``: non-empty, at most MAX_CHANNEL_BYTES."""
-    try:
-        size = len(name.encode())
-    except UnicodeEncodeError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "channel is not valid UTF-8") from None
-    if not name:
-        raise ApiError(HTTPStatus.BAD_REQUEST, "channel must not be empty")
-    if size > protocol.MAX_CHANNEL_BYTES:
-        raise ApiError(HTTPStatus.BAD_REQUEST,
-                       f"channel longer than {protocol.MAX_CHANNEL_BYTES} bytes")
-    return name
+    """As ``protocol.decode`` checks ``c``: non-empty, at most MAX_CHANNEL_BYTES (control
+    characters are allowed there)."""
+    return _check_name(name, "channel", protocol.MAX_CHANNEL_BYTES, controls_ok=True)
 
 
 def check_id(name: str) -> str:
