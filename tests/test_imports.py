@@ -112,9 +112,9 @@ def test_transports_and_endpoints_do_not_import_the_node() -> None:
 
 
 def test_the_rules_import_no_io() -> None:
-    mods = modules()
+    mods, edges = modules(), graph()
     for name in RULES:
         roots = {t.split(".")[0] for t in imports(mods[name], name)}
         assert not roots & IO_MODULES, f"{name} imports {sorted(roots & IO_MODULES)}"
-        inner = {t for t in graph()[name] if t.startswith(("node.", "mesh."))}
+        inner = {t for t in edges[name] if t.startswith(("node.", "mesh."))}
         assert inner <= {*RULES, "node.config"}, f"{name} imports {sorted(inner)}"
