@@ -22,6 +22,8 @@ Benchmarks (``--only`` takes a comma-separated list):
   p50/p99 vs raw nats-py request/reply of the same size, and the nodes' CPU per query
 - ``webhooks``: 500 joins/s (raw peers joining and leaving) with membership webhooks to a
   local receiver, vs webhooks off: join -> receiver p50/p99, batches/s, CPU per join
+- ``native``:   fan-out (1,000 peers, one and 32 messages in flight) against a server that
+  is not Python (Node.js ``ws``, ``bench/native/``) and ``websockets.broadcast``
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import Any
 
 from bench.procs import ROOT
 
-ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks")
+ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
+       "native")
 
 
 def machine() -> dict[str, Any]:
@@ -73,6 +76,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         joinstorm,
         latency,
         members_query,
+        native,
         slow,
         tracing_overhead,
         webhooks,
@@ -105,6 +109,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
                                                        "warmup": 5} if quick else {})),
         "webhooks": lambda: webhooks.run(logs, **({"peers": 100, "rate": 100.0, "duration": 2.0,
                                                    "rounds": 1} if quick else {})),
+        "native": lambda: native.run(logs, **({"peers": 200, "rounds": 1, "duration": 1.5,
+                                               "warmup": 0.5} if quick else {})),
     }
     todo = list(names)
     if "fanout" in todo:
@@ -241,6 +247,17 @@ def markdown(r: dict[str, Any]) -> str:
             f"{w['node_cpu_ms_per_join_off']:.3f} ms (off)",
             f"{w['cpu_ratio_on_vs_off']:.2f}x CPU "
             f"({w['webhook_cpu_ms_per_event_added']:+.3f} ms per event)", "-")
+    nat = r.get("native")
+    if nat is not None and not skipped("native ceiling", nat):
+        for window, x in nat["windows"].items():
+            ok = "met" if x["cpu_vs_native"] <= 2.0 else "MISSED"
+            row(f"native ceiling ({nat['peers']} peers, {window} in flight): "
+                "server CPU s per 100k deliveries",
+                _n(x["prscd_cpu_s_per_100k"], 3),
+                f"{_n(x['native_cpu_s_per_100k'], 3)} ({nat['baseline']}); "
+                f"{_n(x['raw_cpu_s_per_100k'], 3)} (`websockets.broadcast`)",
+                f"{x['cpu_vs_native']:.2f}x native's CPU",
+                f"<= 2x with one in flight ({ok})" if window == "1" else "-")
     return "\n".join(lines) + "\n"
 
 

@@ -34,3 +34,22 @@ def test_fanout_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
     table = (tmp_path / "results.md").read_text()
     assert "fan-out, TLS off" in table and "websockets.broadcast" in table
     assert "CPUs" in table
+
+
+def test_native_ceiling_benchmark_runs_all_three_servers(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "native", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nat = json.loads((tmp_path / "results.json").read_text())["native"]
+    assert "error" not in nat and "skipped" not in nat, nat
+    assert set(nat["windows"]) == {"1", "32"}
+    for row in nat["windows"].values():
+        for side in ("prscd", "raw", "native"):
+            rounds = row["rounds_detail"][side]
+            assert rounds and all(r["deliveries_per_s"] > 1000 for r in rounds), (side, rounds)
+            assert all(r["closed"]["codes"] == {} for r in rounds), (side, rounds)
+        assert row["cpu_vs_native"] > 0 and row["ratio"] > 0
+    assert "ratio" in nat
+    assert "native ceiling" in (tmp_path / "results.md").read_text()
