@@ -52,6 +52,7 @@ from node import __version__, endpoints
 from node.config import Settings
 from node.ports import Peers, Status
 from node.protocol import CLOSE_GOING_AWAY, split_target
+from node.tls import chromium_command, public_origin
 from node.transports.wt_session import WebTransportSession
 
 if TYPE_CHECKING:
@@ -396,6 +397,15 @@ class WebTransportListener:
         #: stream_messages_out, http3_requests.
         self.counters: Counter[str] = Counter()
         self.idle_timeout = settings.wt_idle_timeout
+        self.configuration: QuicConfiguration | None = None
+        self.port = settings.port
+
+    def use_certificate(self, cert: CertInfo) -> None:
+        """A renewed pair (node/tls.py's watcher): QuicServer hands this configuration to
+        every new connection, which copies the certificate when it starts (aioquic's
+        QuicConnection._initialize); open connections keep theirs."""
+        if self.configuration is not None:
+            self.configuration.load_cert_chain(cert.cert_file, cert.key_file)
 
     def track(self, task: asyncio.Task[None]) -> None:
         self.tasks.add(task)
@@ -413,7 +423,7 @@ class WebTransportListener:
 
     async def start(self, port: int, cert: CertInfo) -> list[tuple[str, int]]:
         loop = asyncio.get_running_loop()
-        config = self._configuration(cert)
+        self.configuration = config = self._configuration(cert)
         addresses: list[tuple[str, int]] = []
         for family, address in _bind_addresses(self.settings.host):
             sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -441,22 +451,21 @@ class WebTransportListener:
         if not 0 < ping < idle / 2:
             log.warning("WT_PING_INTERVAL=%g with WT_IDLE_TIMEOUT=%g: quiet but live sessions "
                         "may be cut; keep the interval under half the idle timeout", ping, idle)
-        self._log_browser_hints(cert, port)
+        self.port = port
+        self.log_browser_hints(cert)
         log.info("webtransport listening udp=%s idle_timeout=%gs ping_interval=%gs",
                  ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses),
                  self.idle_timeout, self.settings.wt_ping_interval)
         return addresses
 
-    def _log_browser_hints(self, cert: CertInfo, port: int) -> None:
+    def log_browser_hints(self, cert: CertInfo) -> None:
         """What a developer needs to open the demo with the (self-signed) dev certificate."""
         settings = self.settings
-        host = settings.domain or (settings.host if settings.host not in ("", "0.0.0.0", "::")
-                                   else "127.0.0.1")
-        origin = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        log.info("chromium flags for this certificate: "
-                 "--ignore-certificate-errors-spki-list=%s --origin-to-force-quic-on=%s "
-                 "(then open https://%s/); or pass serverCertificateHashes from "
-                 "https://%s/cert-hash", cert.spki_sha256_b64, origin, origin, origin)
+        origin = public_origin(settings.public_url, settings.domain, settings.host, self.port)
+        log.info("native WebTransport with this certificate: pin serverCertificateHashes "
+                 "from https://%s/cert-hash, or start a Chromium that is not already "
+                 "running with that profile (a fresh --user-data-dir): %s",
+                 origin, chromium_command(cert, origin))
 
     async def close(self) -> None:
         """End every session, let the goodbyes go out, then close the sockets.
