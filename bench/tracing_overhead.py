@@ -1,4 +1,9 @@
-"""Tracing overhead: the fan-out benchmark with tracing on vs off, in one run.
+"""Tracing overhead: the fan-out benchmark with tracing off, at the defaults, and on for
+every message, in one run (rounds rotate the order).
+
+At the defaults every presence change is traced and 1% of ``data`` messages
+(``TRACE_DATA_RATIO``); "all" sets ``TRACE_DATA_RATIO=1``. The fan-out sends only
+``data`` messages, so "defaults" is the cost a cursor-heavy app pays with tracing left on.
 
 HOOK: tracing (mesh/tracing.py) is wired into the data path by another change. This
 benchmark finds out at run time whether the node exports spans: it points
@@ -72,11 +77,13 @@ def run(log_dir: Path, *, peers: int = 1000, rounds: int = 2, duration: float = 
             if sink.requests == 0:
                 return {"skipped": "the node exported no spans with YOMO_TRACE_JAEGER_ENDPOINT "
                                    "set: tracing is not wired into the data path yet"}
-            results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+            envs: dict[str, dict[str, str] | None] = {
+                "off": None, "defaults": env_on, "all": {**env_on, "TRACE_DATA_RATIO": "1"}}
+            results: dict[str, list[dict[str, Any]]] = {k: [] for k in envs}
+            kinds = tuple(envs)
             for r in range(rounds):
-                for which in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                    node = start_node(log_dir, env=env_on if which == "on" else None,
-                                      name=f"prscd-trace-{which}")
+                for which in kinds[r % 3:] + kinds[:r % 3]:
+                    node = start_node(log_dir, env=envs[which], name=f"prscd-trace-{which}")
                     try:
                         results[which].append(measure(
                             pool, node, peers=peers, size=64, warmup=warmup,
@@ -85,8 +92,15 @@ def run(log_dir: Path, *, peers: int = 1000, rounds: int = 2, duration: float = 
                         node.stop()
     finally:
         sink.close()
-    on = statistics.median(x["deliveries_per_s"] for x in results["on"])
-    off = statistics.median(x["deliveries_per_s"] for x in results["off"])
-    return {"peers": peers, "deliveries_per_s_tracing_on": on,
-            "deliveries_per_s_tracing_off": off, "ratio_on_vs_off": on / off,
+    def median(which: str, key: str) -> float:
+        return statistics.median(x[key] for x in results[which])
+
+    off, dflt, every = (median(k, "deliveries_per_s") for k in ("off", "defaults", "all"))
+    cpu = {k: median(k, "server_cpu_s_per_100k") for k in results}
+    return {"peers": peers, "window": window, "data_ratio_default": 0.01,
+            "deliveries_per_s_tracing_off": off, "deliveries_per_s_tracing_defaults": dflt,
+            "deliveries_per_s_tracing_on": every,
+            "ratio": dflt / off, "ratio_on_vs_off": every / off,
+            "cpu_s_per_100k": cpu, "cpu_ratio_defaults": cpu["defaults"] / cpu["off"],
+            "cpu_ratio_all": cpu["all"] / cpu["off"],
             "exports": sink.requests, "export_bytes": sink.bytes, "rounds_detail": results}

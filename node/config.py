@@ -141,6 +141,9 @@ class Settings:
                        secret=True)
     api_query_timeout: float = _S("server API", "API_QUERY_TIMEOUT", "positive", 1.0,
                                   "Seconds a mesh-wide answer waits for the other nodes.")
+    admin_local: bool = _S("server API", "ADMIN_LOCAL", "bool", True,
+                           "With API_KEYS empty: /admin on PORT for loopback clients; false "
+                           "behind a proxy on this host (docs/operations.md).")
 
     webhook_url: str = _S("webhooks", "WEBHOOK_URL", "url", "",
                           "Where batched, signed membership events are POSTed; empty = off.",
@@ -198,7 +201,8 @@ class Settings:
                             "reconnects) or capsule.", choices=("connection", "capsule"))
 
     drain_seconds: float = _S("operations", "DRAIN_SECONDS", "seconds", 0.0,
-                              "On SIGTERM, fail /ready and keep serving this long; 0 = stop now.")
+                              "On SIGTERM, fail /ready and keep serving peers up to this long "
+                              "(over once none is left); 0 = stop now.")
     pid_file: str = _S("operations", "PID_FILE", "path", "", "Pid file path.",
                        shown="`$TMPDIR/prscd-PORT.pid`")
 
@@ -241,6 +245,9 @@ class Settings:
     jaeger_endpoint: str = _S("tracing", "YOMO_TRACE_JAEGER_ENDPOINT", "text", "",
                               "Where spans go (OTLP/HTTP); empty = the OTEL_EXPORTER_OTLP_* "
                               "endpoint, or off.")
+    trace_data_ratio: float = _S("tracing", "TRACE_DATA_RATIO", "ratio", 0.01,
+                                 "Share of `data` messages (cursor moves) traced; presence "
+                                 "changes are always traced (1 = every message).")
 
     # Not read from a key of their own:
     #: The PUBLIC_KEYS part of public_keys (kept when the file is re-read on SIGHUP).
@@ -368,6 +375,13 @@ def _positive(key: Key, raw: str) -> float:
     return float(value)
 
 
+def _ratio(key: Key, raw: str) -> float:
+    value = _number(key, raw, float)
+    if value > 1:
+        raise ConfigError(f"{key.env}={value}: must be between 0 and 1")
+    return float(value)
+
+
 def _port(key: Key, raw: str) -> int:
     value = _number(key, raw, int)
     if value > 65535:
@@ -412,6 +426,7 @@ _KINDS: dict[str, tuple[Callable[[Key, str], Any], str]] = {
     "float": (lambda key, raw: _number(key, raw, float), "number >= 0"),
     "seconds": (lambda key, raw: _number(key, raw, float), "seconds >= 0"),
     "positive": (_positive, "seconds > 0"),
+    "ratio": (_ratio, "0 to 1"),
     "port": (_port, "0-65535"),
     "text": (lambda key, raw: raw.strip(), "text"),
     "password": (lambda key, raw: raw, "text, kept as is"),  # spaces may be part of it

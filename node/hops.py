@@ -8,20 +8,27 @@ attribute is paid for at 100% sampling, on the hot path and again when encoding.
 
     prscd.receive (SERVER) -> presence.handle, source.publish (PRODUCER)
         ... bus ... stream_function.receive (CONSUMER) -> presence.dispatch
+
+What is traced: every presence change (joins, leaves, states, offlines, node down) and a
+share of ``data`` messages (cursor moves), ``TRACE_DATA_RATIO`` (default 1%). The choice
+is made here, before any span exists, because an unsampled OpenTelemetry span still
+costs its context switches on the hot path. An unsampled message crosses the bus without
+trace headers; a node receiving a ``data`` event without them samples it at its own ratio.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 
-from opentelemetry.trace import INVALID_SPAN, Span
+from opentelemetry.trace import INVALID_SPAN, Span, get_current_span
 
 from mesh.bridge import TAG_PEER, MeshEvent, event_subject
 from mesh.tracing import CONSUMER, PRODUCER, SERVER, Tracing
 from node.presence import Action, Deliver, Peer
-from node.protocol import Signalling
+from node.protocol import DATA, Signalling
 
 _OFF: AbstractContextManager[Span] = contextlib.nullcontext(INVALID_SPAN)
 _NO_HEADERS: AbstractContextManager[dict[str, str] | None] = contextlib.nullcontext(None)
@@ -33,14 +40,20 @@ def delivered(actions: list[Action]) -> int:
 
 
 class Hops:
-    def __init__(self, tracing: Tracing, *, bus_kind: str, mesh_id: str, node_id: str) -> None:
+    def __init__(self, tracing: Tracing, *, bus_kind: str, mesh_id: str, node_id: str,
+                 data_ratio: float = 1.0) -> None:
         self.tracing = tracing
         self.on = tracing.enabled
         self.bus_kind, self.mesh_id, self.node_id = bus_kind, mesh_id, node_id
+        self.data_ratio = data_ratio
+
+    def _skip(self, sig: Signalling) -> bool:
+        """A ``data`` message this node does not trace (presence changes always are)."""
+        return sig.t == DATA and (self.data_ratio <= 0.0 or random.random() >= self.data_ratio)
 
     def receive(self, peer: Peer, sig: Signalling, size: int) -> AbstractContextManager[Span]:
         """A frame from a local peer: the root of its trace."""
-        if not self.on:
+        if not self.on or self._skip(sig):
             return _OFF
         return self.tracing.span("prscd.receive", SERVER, {
             "prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
@@ -49,8 +62,8 @@ class Hops:
 
     def handle(self, rules: Callable[[Peer, Signalling], list[Action]], peer: Peer,
                sig: Signalling) -> list[Action]:
-        """``rules(peer, sig)`` (presence.handle), in a span when tracing."""
-        if not self.on:
+        """``rules(peer, sig)`` (presence.handle), in a span when its frame is traced."""
+        if not self.on or not get_current_span().is_recording():
             return rules(peer, sig)
         with self.tracing.span("presence.handle") as span:
             actions = rules(peer, sig)
@@ -59,7 +72,7 @@ class Hops:
 
     def publish(self, sig: Signalling) -> AbstractContextManager[dict[str, str] | None]:
         """Around a Source publish; gives the bus headers that carry the trace."""
-        if not self.on:
+        if not self.on or (sig.t == DATA and not get_current_span().is_recording()):
             return _NO_HEADERS
         return self._publish(sig)
 
@@ -73,7 +86,7 @@ class Hops:
 
     def dispatch(self, event: MeshEvent) -> AbstractContextManager[Span]:
         """An event from another node; yields the dispatch span (set its count)."""
-        if not self.on:
+        if not self.on or (not event.message.headers and self._skip(event.sig)):
             return _OFF
         return self._dispatch(event)
 

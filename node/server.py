@@ -36,6 +36,7 @@ from node.tls import CertInfo
 
 if TYPE_CHECKING:
     from mesh.query import MeshQuery
+    from node.admin import AdminView
     from node.webhooks import Webhooks
 
 log = logging.getLogger("prscd.node")
@@ -50,7 +51,8 @@ class Node:
         self.bus = bus
         self.tracing = tracing
         self.auth = auth
-        self.hops = Hops(tracing, bus_kind=bus.kind, mesh_id=settings.mesh_id, node_id=node_id)
+        self.hops = Hops(tracing, bus_kind=bus.kind, mesh_id=settings.mesh_id, node_id=node_id,
+                         data_ratio=settings.trace_data_ratio)
         self.presence = Presence(settings.mesh_id, dedupe_state=settings.dedupe_peer_state)
         self.guard = Guard(settings, self.presence)
         #: sid -> the transport's link to that peer; a peer is open while it is here.
@@ -73,9 +75,13 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self.started_at = time.monotonic()
         self.draining = False
+        #: Set whenever the last local peer is gone: a drain need not wait its full time.
+        self._no_peers = asyncio.Event()
         self.delivered = 0
         #: Membership webhooks (node/webhooks.py), set by node/app.py when WEBHOOK_URL is.
         self.webhooks: Webhooks | None = None
+        #: The operations page's data (node/admin.py), set by node/app.py.
+        self.admin: AdminView | None = None
 
     @property
     def mesh_id(self) -> str:
@@ -154,6 +160,8 @@ class Node:
 
     async def closed(self, peer: Peer, why: str) -> None:
         if self.links.pop(peer.sid, None) is not None:  # else closed by the node already
+            if not self.links:
+                self._no_peers.set()
             await self._offline(peer, self._leave(peer, why))
 
     def count_drop(self, reason: str, n: int = 1) -> None:
@@ -221,6 +229,8 @@ class Node:
         link = self.links.pop(peer.sid, None)
         if link is None:
             return None
+        if not self.links:
+            self._no_peers.set()
         self.count_drop(close.fault.counter)
         log.warning("closing sid=%s id=%s transport=%s code=%d reason=%s", peer.sid,
                     peer.client_id, peer.transport, close.fault.code, close.reason)
@@ -361,6 +371,12 @@ class Node:
         if not self.draining:
             self.draining = True
             log.info("draining peers=%d: /ready answers 503", len(self.links))
+
+    async def no_peers_left(self) -> None:
+        """Returns once no local peer is connected (at once when none is)."""
+        while self.links:
+            self._no_peers.clear()
+            await self._no_peers.wait()
 
     async def stop(self) -> None:
         """After the listeners closed: the peers left go offline, then leave the mesh."""

@@ -17,14 +17,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from tests.conftest import NodeFactory, RunningNode
-from tests.helpers import data_frame, joined, recv
+from tests.helpers import control, data_frame, joined, recv
 from tests.mesh_helpers import NatsServer, wait_until
 
 
 async def two_regions(node_factory: NodeFactory, nats: NatsServer,
                       **kw: Any) -> tuple[RunningNode, RunningNode]:
-    eu = await node_factory(MESH_ID="eu-west", NATS_URL=nats.url, **kw.get("eu", {}))
-    us = await node_factory(MESH_ID="us-east", NATS_URL=nats.url, **kw.get("us", {}))
+    # Every data message traced here (the default samples 1% of them: see below).
+    eu = await node_factory(MESH_ID="eu-west", NATS_URL=nats.url, TRACE_DATA_RATIO="1",
+                            **kw.get("eu", {}))
+    us = await node_factory(MESH_ID="us-east", NATS_URL=nats.url, TRACE_DATA_RATIO="1",
+                            **kw.get("us", {}))
     await wait_until(lambda: eu.node.liveness.nodes and us.node.liveness.nodes, 5, "heartbeats")
     return eu, us
 
@@ -93,6 +96,67 @@ async def test_span_tree_of_one_cross_region_broadcast(node_factory: NodeFactory
     # Joins and disconnects are traced too.
     assert by_name(eu_spans, "prscd.receive", **{"prscd.op": "channel_join"})
     assert by_name(eu_spans, "prscd.disconnect")
+
+
+async def test_defaults_trace_every_join_across_three_nodes_and_sample_data(
+        node_factory: NodeFactory, nats_server: NatsServer) -> None:
+    """Defaults: a peer coming online (the join the others see) is one trace over all three
+    nodes; data messages are sampled (none with TRACE_DATA_RATIO=0 on the origin)."""
+    exporters = [InMemorySpanExporter() for _ in range(3)]
+    regions = ("eu-west", "us-east", "ap-south")
+    nodes = [await node_factory(MESH_ID=region, NATS_URL=nats_server.url, span_exporter=exp,
+                                **({"TRACE_DATA_RATIO": "0"} if i == 0 else {}))
+             for i, (region, exp) in enumerate(zip(regions, exporters, strict=True))]
+    await wait_until(lambda: all(len(n.node.liveness.nodes) >= 2 for n in nodes), 5,
+                     "heartbeats from the other two nodes")
+    watchers = [await joined(n, "room", f"w{i}") for i, n in enumerate(nodes[1:])]
+    alice = await joined(nodes[0], "room", "alice")
+    await wait_until(lambda: all(n.node.presence.channel_count() for n in nodes), 5,
+                     "interest in the channel everywhere")
+    await alice.send(control("peer_online", "room"))
+    for w in watchers:
+        got = await recv(w)
+        assert got["op"] == "peer_online" and got["p"] == "alice", got
+    for i in range(50):
+        await alice.send(data_frame("room", "mouse", f'{{"x":{i}}}'))
+    for w in watchers:
+        for _ in range(50):
+            assert (await recv(w))["t"] == "data"
+    for node in nodes:
+        node.node.tracing.flush()
+    spans = [list(exp.get_finished_spans()) for exp in exporters]
+    [online] = by_name(spans[0], "prscd.receive", **{"prscd.op": "peer_online"})
+    for remote in spans[1:]:
+        assert [s for s in by_name(remote, "stream_function.receive")
+                if s.context.trace_id == online.context.trace_id], "trace did not reach a node"
+    # TRACE_DATA_RATIO=0 on the origin: no data span there; its events carry no trace
+    # headers, and the others sample header-less data at their own 1% (100 draws: allow 5).
+    assert not by_name(spans[0], "prscd.receive", **{"prscd.op": "data"})
+    assert not by_name(spans[0], "source.publish", **{})[1:], "only the online was published"
+    data_remote = sum(len(by_name(r, "stream_function.receive", **{"prscd.op": "data"}))
+                      for r in spans[1:])
+    assert data_remote <= 5, data_remote
+    await alice.close()
+    for w in watchers:
+        await w.close()
+
+
+async def test_data_ratio_samples_about_that_share(node_factory: NodeFactory) -> None:
+    exp = InMemorySpanExporter()
+    node = await node_factory(TRACE_DATA_RATIO="0.5", span_exporter=exp)
+    alice = await joined(node, "room", "alice")
+    bob = await joined(node, "room", "bob")
+    for i in range(200):
+        await alice.send(data_frame("room", "mouse", f'{{"x":{i}}}'))
+    for _ in range(200):
+        await recv(bob)
+    node.node.tracing.flush()
+    traced = by_name(list(exp.get_finished_spans()), "prscd.receive", **{"prscd.op": "data"})
+    assert 50 <= len(traced) <= 150, len(traced)  # binomial(200, 0.5): sd 7
+    handles = by_name(list(exp.get_finished_spans()), "presence.handle")
+    assert len(handles) >= len(traced)  # traced frames keep their children
+    await alice.close()
+    await bob.close()
 
 
 class Collector:
