@@ -392,3 +392,7 @@ async def nats_close(state: WorkerState) -> bool:
     if nc is not None:
         await nc.close()
     return True
+
+
+# The WebTransport fan-out's commands live beside their client (registered on import).
+from bench import wt_clients  # noqa: E402, F401

@@ -256,22 +256,18 @@ def client_configuration() -> QuicConfiguration:
     return config
 
 
-@asynccontextmanager
-async def wt_connect(port: int, path: str | None = None, *, host: str = "127.0.0.1",
-                     timeout: float = 5.0, **connect_kw: Any) -> AsyncIterator[WTClient]:
-    """Open a QUIC connection, wait for the server's SETTINGS, then CONNECT to ``path``.
-
-    With ``path=None`` no session is opened. Leaving the block closes the connection
-    (CONNECTION_CLOSE) unless the client vanished or was closed already.
-    """
+async def open_client(port: int, path: str | None = None, *, host: str = "127.0.0.1",
+                      timeout: float = 5.0, client_class: type[WTClient] = WTClient,
+                      **connect_kw: Any) -> WTClient:
+    """Open a QUIC connection, wait for the server's SETTINGS, then CONNECT to ``path``
+    (none with ``path=None``). The caller ends it (:func:`close_client`)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
     connection = QuicConnection(configuration=client_configuration())
-    transport, protocol = await loop.create_datagram_endpoint(
-        lambda: WTClient(connection), sock=sock)
-    client: WTClient = protocol  # type: ignore[assignment]
+    _, made = await loop.create_datagram_endpoint(lambda: client_class(connection), sock=sock)
+    client: WTClient = made  # type: ignore[assignment]
     try:
         # aioquic matches the network path by address tuple: IPv6 ones have four items.
         client.connect((host, port, 0, 0) if family == socket.AF_INET6 else (host, port))
@@ -281,11 +277,31 @@ async def wt_connect(port: int, path: str | None = None, *, host: str = "127.0.0
         if path is not None:
             client.connect_session(path, **connect_kw)
             await client.until(lambda: client.status is not None, timeout, "the response")
+    except BaseException:
+        client.vanish()
+        raise
+    return client
+
+
+async def close_client(client: WTClient, wait: float = 1.0) -> None:
+    """CONNECTION_CLOSE (unless the client vanished or was closed already), then the socket."""
+    if not client.vanished and client.terminated is None:
+        client.close()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(client.wait_closed(), wait)
+    client.vanish()
+
+
+@asynccontextmanager
+async def wt_connect(port: int, path: str | None = None, *, host: str = "127.0.0.1",
+                     timeout: float = 5.0, **connect_kw: Any) -> AsyncIterator[WTClient]:
+    """Open a QUIC connection, wait for the server's SETTINGS, then CONNECT to ``path``.
+
+    With ``path=None`` no session is opened. Leaving the block closes the connection
+    (CONNECTION_CLOSE) unless the client vanished or was closed already.
+    """
+    client = await open_client(port, path, host=host, timeout=timeout, **connect_kw)
+    try:
         yield client
     finally:
-        if not client.vanished and client.terminated is None:
-            client.close()
-            with suppress(TimeoutError):
-                await asyncio.wait_for(client.wait_closed(), 1.0)
-        client.vanish()
-        transport.close()
+        await close_client(client)
