@@ -13,6 +13,30 @@ there is read by every node (add settings such as ``NODE_TIMEOUT`` or ``PUBLIC_K
 Each node prefers its own region's NATS server and fails over to the others. The NATS
 servers all run ``infra/nats/region.conf``; what differs between regions is passed as
 environment variables, exactly as docker-compose does.
+
+Real distances (``--wan``): ``python -m infra.cluster up --wan`` puts delay proxies
+(infra/wan.py, one process per region, kind ``wan`` in ``state.json``) on every gateway
+link between the NATS servers and on each node's client links to the OTHER regions' NATS
+servers, so a node that fails over to a remote server pays the WAN delay both ways::
+
+    python -m infra.cluster up --wan                         # 40/90/60 ms, +-10 ms jitter
+    python -m infra.cluster up --wan --delay us-east:ap-south=120 --jitter-ms 5
+    python -m infra.cluster wan --stall-fraction 0.01        # while running: 1% stalled
+    python -m infra.cluster wan --stall-fraction 0           #   ... and back
+
+Ports with ``--wan`` (first port ``--wan-port``, default 6222, n = 3 regions): region i's
+gateway proxy listens on ``wan + i`` (every server's ``GW_*`` URLs and its gateway
+``advertise`` point there); the proxy from region i's node to region j's NATS server on
+``wan + n + i*n + j`` (j != i). A node's ``NATS_URL`` is its own server direct, then the
+others' proxies: ``nats://127.0.0.1:<nats+i>,nats://127.0.0.1:<wan+n+i*n+j>,...``.
+
+``state.json`` (stable; other tools read it): ``state_dir``, ``ports`` (``nats``, ``http``,
+``gateway``, ``node``, ``wan``), ``regions``, ``procs`` (``kind`` nats|node|wan,
+``region``, ``pid``, ``marker``, ``log``), and ``wan``: null without ``--wan``, else
+``{"config": {delays_ms, jitter_ms, stall_fraction, stall_ms, stall_clients},
+"links": [{kind, dst, listen, target, src}]}`` (the same content as ``wan.json``, which
+the proxies read; ``wan-<region>.json`` holds each proxy's counters, rewritten every
+second). ``status`` prints the proxies' counters per link and direction.
 """
 
 from __future__ import annotations
@@ -32,6 +56,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from infra.wan import Link, WanConfig, parse_delay, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "infra" / "nats" / "region.conf"
@@ -56,6 +82,7 @@ class Ports:
     http: int = 8222
     gateway: int = 7222
     node: int = 8443
+    wan: int = 6222  # with --wan: n gateway proxies, then n*n client-link proxies
 
     def of(self, i: int) -> dict[str, int]:
         return {"nats": self.nats + i, "http": self.http + i, "gateway": self.gateway + i,
@@ -64,7 +91,7 @@ class Ports:
 
 @dataclass
 class Proc:
-    kind: str  # "nats" | "node"
+    kind: str  # "nats" | "node" | "wan"
     region: str
     pid: int = 0
     marker: str = ""  # a string in its command line that only our process has
@@ -77,6 +104,7 @@ class State:
     ports: dict[str, int]
     regions: list[str]
     procs: list[Proc] = field(default_factory=list)
+    wan: dict[str, Any] | None = None  # {"config": WanConfig, "links": [Link]} with --wan
 
 
 def _alive(pid: int) -> bool:
@@ -143,12 +171,14 @@ class Cluster:
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None,
                  ports: Ports | None = None, regions: tuple[str, ...] = REGIONS,
-                 node_env: dict[str, str] | None = None) -> None:
+                 node_env: dict[str, str] | None = None,
+                 wan: WanConfig | None = None) -> None:
         default_dir = Path(tempfile.gettempdir()) / "prscd-cluster"
         self.dir = Path(state_dir or default_dir).resolve()
         self.ports = ports or Ports()
         self.regions = list(regions)
         self.node_env = dict(node_env or {})
+        self.wan = wan
         self.procs: dict[tuple[str, str], Proc] = {}
         self._popen: dict[tuple[str, str], subprocess.Popen[bytes]] = {}
 
@@ -162,6 +192,43 @@ class Cluster:
 
     def nats_url(self, region: str) -> str:
         return f"nats://127.0.0.1:{self.port(region, 'nats')}"
+
+    def gateway_proxy_port(self, region: str) -> int:
+        """With --wan: where the other regions' gateways reach ``region``'s server."""
+        return self.ports.wan + self.index(region)
+
+    def client_proxy_port(self, src: str, dst: str) -> int:
+        """With --wan: where ``src``'s node reaches ``dst``'s NATS server (src != dst)."""
+        n = len(self.regions)
+        return self.ports.wan + n + self.index(src) * n + self.index(dst)
+
+    def node_nats_urls(self, region: str) -> list[str]:
+        """A node's NATS_URL: its own region's server first, the others as failover."""
+        i = self.index(region)
+        order = self.regions[i:] + self.regions[:i]
+        if self.wan is None:
+            return [self.nats_url(r) for r in order]
+        return [self.nats_url(region)] + [
+            f"nats://127.0.0.1:{self.client_proxy_port(region, r)}" for r in order[1:]]
+
+    def wan_links(self) -> list[Link]:
+        links = [Link("gateway", r, self.gateway_proxy_port(r), self.port(r, "gateway"))
+                 for r in self.regions]
+        links += [Link("client", dst, self.client_proxy_port(src, dst), self.port(dst, "nats"),
+                       src) for src in self.regions for dst in self.regions if src != dst]
+        return links
+
+    def wan_state(self) -> dict[str, Any] | None:
+        if self.wan is None:
+            return None
+        return {"config": self.wan.to_json(), "links": [asdict(x) for x in self.wan_links()]}
+
+    def wan_stats(self, region: str) -> dict[str, Any]:
+        """The counters region's proxy process last wrote (empty if none yet)."""
+        try:
+            return json.loads((self.dir / f"wan-{region}.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def monitor(self, region: str) -> str:
         return f"http://127.0.0.1:{self.port(region, 'http')}"
@@ -194,8 +261,10 @@ class Cluster:
 
     def start_nats(self, region: str) -> Proc:
         p = self.ports.of(self.index(region))
+        gw_port = self.gateway_proxy_port if self.wan is not None else (
+            lambda r: self.port(r, "gateway"))
         gw = {f"GW_{r.upper().replace('-', '_')}":
-              f"nats://127.0.0.1:{self.port(r, 'gateway')}" for r in self.regions}
+              f"nats://127.0.0.1:{gw_port(r)}" for r in self.regions}
         # region.conf names exactly three regions; a shorter list leaves the rest unreachable.
         for name in ("GW_US_EAST", "GW_EU_WEST", "GW_AP_SOUTH"):
             gw.setdefault(name, "nats://127.0.0.1:1")
@@ -207,15 +276,51 @@ class Cluster:
             "NATS_GATEWAY_LISTEN": f"127.0.0.1:{p['gateway']}",
             **gw,
         }
+        config = CONFIG
+        if self.wan is not None:
+            # Advertise the proxy: gossiped gateway URLs must not bypass the delay.
+            config = self.dir / "region-wan.conf"
+            config.write_text(CONFIG.read_text().replace(
+                "listen: $NATS_GATEWAY_LISTEN",
+                "listen: $NATS_GATEWAY_LISTEN\n  advertise: $NATS_GATEWAY_ADVERTISE"))
+            env["NATS_GATEWAY_ADVERTISE"] = f"127.0.0.1:{self.gateway_proxy_port(region)}"
         pid_file = self.dir / f"nats-{region}.pid"
-        cmd = [nats_server_bin(), "-c", str(CONFIG), "-P", str(pid_file)]
+        cmd = [nats_server_bin(), "-c", str(config), "-P", str(pid_file)]
         return self._spawn("nats", region, cmd, env, str(pid_file))
+
+    def start_wan(self, region: str) -> Proc:
+        """The delay proxies into ``region`` (its gateway, the other nodes' client links)."""
+        config = self.dir / "wan.json"
+        write_json(config, self.wan_state())
+        stats = self.dir / f"wan-{region}.json"
+        cmd = [sys.executable, "-m", "infra.wan", "--config", str(config), "--region", region,
+               "--stats", str(stats)]
+        return self._spawn("wan", region, cmd, {}, f"{config} --region {region} ")
+
+    def wait_wan(self, timeout: float = 15.0) -> None:
+        for link in self.wan_links():
+            def listening(link: Link = link) -> bool:
+                if not self._running("wan", link.dst):
+                    raise RuntimeError(f"wan {link.dst} exited: {self.log_tail('wan', link.dst)}")
+                return _port_open(link.listen)
+            _wait(listening, timeout, f"wan proxy {link.name} on {link.listen}")
+
+    def set_wan(self, **changes: Any) -> WanConfig:
+        """Change the proxies' settings while they run (e.g. ``stall_fraction=0.01``)."""
+        if self.wan is None:
+            raise RuntimeError("this cluster runs without --wan")
+        self.wan = WanConfig.from_json({**self.wan.to_json(), **changes})
+        write_json(self.dir / "wan.json", self.wan_state())
+        self._save()
+        for r in self.regions:
+            self.send_signal("wan", r, signal.SIGHUP)
+        return self.wan
 
     def start_node(self, region: str) -> Proc:
         i = self.index(region)
         port = self.ports.of(i)["node"]
         # Its own region first, the others as failover (the bus keeps this order).
-        urls = [self.nats_url(r) for r in self.regions[i:] + self.regions[:i]]
+        urls = self.node_nats_urls(region)
         (self.dir / "certs" / region).mkdir(parents=True, exist_ok=True)
         env_file = self.dir / "node.env"
         if not env_file.exists():
@@ -310,12 +415,18 @@ class Cluster:
     # -- the whole topology ---------------------------------------------------------
 
     def up(self, wait: bool = True) -> None:
+        wanted = (self.ports, self.regions, self.wan)  # a stale state.json must not win
         if self.load() and any(_ours(p) for p in self.procs.values()):
             raise SystemExit(f"a cluster is already running from {self.dir}: "
                              "`python -m infra.cluster down` first")
+        self.ports, self.regions, self.wan = wanted
         self.procs.clear()
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.wan is not None:
+                for r in self.regions:
+                    self.start_wan(r)
+                self.wait_wan()
             for r in self.regions:
                 self.start_nats(r)
             if wait:
@@ -331,7 +442,8 @@ class Cluster:
     def down(self) -> None:
         if not self.procs:
             self.load()
-        for kind in ("node", "nats"):  # nodes first: their goodbyes still reach the mesh
+        # Nodes first: their goodbyes still reach the mesh; the proxies carry them.
+        for kind in ("node", "nats", "wan"):
             for r in list(self.regions):
                 self.stop(kind, r)
         state = self.dir / "state.json"
@@ -340,7 +452,7 @@ class Cluster:
 
     def _save(self) -> None:
         state = State(str(self.dir), asdict(self.ports), self.regions,
-                      list(self.procs.values()))
+                      list(self.procs.values()), self.wan_state())
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
 
@@ -352,18 +464,31 @@ class Cluster:
         self.ports = Ports(**data["ports"])
         self.regions = list(data["regions"])
         self.procs = {(p["kind"], p["region"]): Proc(**p) for p in data["procs"]}
+        wan = data.get("wan")
+        self.wan = WanConfig.from_json(wan["config"]) if wan else None
         return True
 
     def status(self) -> list[dict[str, Any]]:
         rows = []
-        for kind in ("nats", "node"):
+        for kind in ("nats", "node", "wan"):
             for r in self.regions:
+                if kind == "wan" and self.wan is None:
+                    continue
                 proc = self.procs.get((kind, r))
                 row: dict[str, Any] = {"kind": kind, "region": r,
                                        "pid": proc.pid if proc else None,
                                        "running": bool(proc and _ours(proc))}
                 try:
-                    if kind == "nats":
+                    if kind == "wan":
+                        st = self.wan_stats(r)
+                        row["links"] = {
+                            name: {"conns": x["connections"],
+                                   **{d: (f"{c['bytes']}B/{c['chunks']}ch "
+                                          f"stalled={c['stalled_chunks']} "
+                                          f"added~{c['added_ms_mean']}ms")
+                                      for d, c in x["directions"].items()}}
+                            for name, x in st.get("links", {}).items()}
+                    elif kind == "nats":
                         row["client"] = self.nats_url(r)
                         gz = self.gatewayz(r)
                         row["gateways"] = sorted(gz.get("outbound_gateways", {}))
@@ -381,7 +506,9 @@ class Cluster:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.cluster", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "wan"],
+                        help="wan: change the running proxies' settings (--jitter-ms, "
+                        "--stall-*, --delay)")
     parser.add_argument("--state-dir", default=None,
                         help="logs, pid files, state.json (default $TMPDIR/prscd-cluster)")
     parser.add_argument("--nats-port", type=int, default=4222, help="first NATS client port")
@@ -389,14 +516,48 @@ def main(argv: list[str] | None = None) -> int:
                         help="first NATS monitoring port")
     parser.add_argument("--gateway-port", type=int, default=7222, help="first gateway port")
     parser.add_argument("--node-port", type=int, default=8443, help="first prscd node port")
+    parser.add_argument("--wan-port", type=int, default=6222,
+                        help="first WAN proxy port (--wan: 3 + 9 ports)")
+    wan = parser.add_argument_group("real distances (infra/wan.py)")
+    wan.add_argument("--wan", action="store_true",
+                     help="delay proxies on gateway links and cross-region client links")
+    wan.add_argument("--delay", action="append", type=parse_delay, default=[],
+                     metavar="A:B=MS", help="one-way delay of a region pair (repeatable; "
+                     "default us-east:eu-west=40 us-east:ap-south=90 eu-west:ap-south=60)")
+    wan.add_argument("--jitter-ms", type=float, default=None, help="+- jitter (default 10)")
+    wan.add_argument("--stall-fraction", type=float, default=None,
+                     help="fraction of gateway chunks (so of bytes) stalled (default 0)")
+    wan.add_argument("--stall-ms", type=float, default=None, help="stall time (default 500)")
+    wan.add_argument("--stall-clients", choices=["true", "false"], default=None,
+                     help="stall the cross-region client links too (default false)")
     args = parser.parse_args(argv)
+    changes: dict[str, Any] = {k: v for k, v in (
+        ("jitter_ms", args.jitter_ms), ("stall_fraction", args.stall_fraction),
+        ("stall_ms", args.stall_ms),
+        ("stall_clients", None if args.stall_clients is None else args.stall_clients == "true"),
+    ) if v is not None}
     cluster = Cluster(args.state_dir, Ports(args.nats_port, args.http_port, args.gateway_port,
-                                            args.node_port))
+                                            args.node_port, args.wan_port))
+    if args.action == "wan":
+        if not cluster.load() or cluster.wan is None:
+            print(f"no WAN cluster running from {cluster.dir} (`up --wan` first)")
+            return 1
+        if args.delay:
+            changes["delays_ms"] = {**cluster.wan.delays_ms, **dict(args.delay)}
+        print(f"wan settings now: {cluster.set_wan(**changes)}")
+        return 0
+    if args.wan:
+        cluster.wan = WanConfig.from_json({**WanConfig().to_json(), **changes})
+        cluster.wan.delays_ms.update(dict(args.delay))
+    elif args.delay or changes:
+        parser.error("--delay, --jitter-ms and --stall-* need --wan (or the `wan` action)")
     if args.action == "up":
         cluster.up()
         for r in cluster.regions:
             print(f"{r:9} node {cluster.node_url(r)}  nats {cluster.nats_url(r)}  "
                   f"monitor {cluster.monitor(r)}")
+        if cluster.wan is not None:
+            print(f"wan: {cluster.wan}")
         print(f"logs and state in {cluster.dir}; stop with `python -m infra.cluster down"
               + (f" --state-dir {args.state_dir}`" if args.state_dir else "`"))
         return 0
