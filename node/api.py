@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
+from importlib import resources
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote
@@ -34,10 +35,13 @@ from aiohttp import web
 from mesh.backend import backend_signal
 from mesh.query import QueryBusy
 from node import __version__, answers, protocol
+from node import admin as admin_pages
+from node.endpoints import ADMIN_HEADERS
 from node.protocol import ProtocolError, Signalling
 
 if TYPE_CHECKING:
     from mesh.query import MeshQuery
+    from node.admin import AdminView
     from node.config import Settings
 
 log = logging.getLogger("prscd.api")
@@ -217,8 +221,11 @@ def parse_keys(text: str) -> list[bytes]:
 
 
 class ApiListener:
-    def __init__(self, settings: Settings, node: ApiNode, query: MeshQuery) -> None:
+    def __init__(self, settings: Settings, node: ApiNode, query: MeshQuery, *,
+                 admin: AdminView | None = None) -> None:
         self.settings, self.node, self.query = settings, node, query
+        #: The operations page (node/admin.py): the page without a key, its JSON with one.
+        self.admin = admin
         self.keys = parse_keys(settings.api_keys)
         self.body_limit = settings.max_message_bytes
         #: Answers given, by HTTP status.
@@ -260,6 +267,8 @@ class ApiListener:
     async def _handle(self, request: web.BaseRequest) -> web.Response:
         started = time.monotonic()
         headers = {"X-Prscd-MeshID": self.node.mesh_id, "X-Prscd-Version": __version__}
+        if self.admin is not None and request.path in admin_pages.PAGES:
+            return _admin_page(request, headers)  # holds no data: it asks for the key
         body: dict[str, Any] | str
         try:
             status, body = await self._answer(request)
@@ -287,6 +296,12 @@ class ApiListener:
                            "missing bearer key (Authorization: Bearer <key>)" if missing
                            else "bearer key not accepted",
                            headers={"WWW-Authenticate": 'Bearer realm="prscd"'})
+        path = request.raw_path.partition("?")[0]
+        if self.admin is not None and path == admin_pages.OVERVIEW_PATH:
+            if request.method != GET:
+                raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method[:16]} not "
+                               "allowed here: use GET", headers={"Allow": GET})
+            return HTTPStatus.OK, await self.admin.fresh()
         r = route(request.method, request.raw_path)
         if r.kind == "publish":
             sig = parse_publish(await read_body(request, self.body_limit), r.app, r.channel)
@@ -326,6 +341,16 @@ class ApiListener:
         except QueryBusy as exc:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {exc}",
                            headers={"Retry-After": "1"}) from None
+
+
+def _admin_page(request: web.BaseRequest, headers: dict[str, str]) -> web.Response:
+    if request.method not in (GET, "HEAD"):
+        return web.Response(status=HTTPStatus.METHOD_NOT_ALLOWED, text="use GET\n",
+                            headers={**headers, "Allow": GET})
+    name, content_type = admin_pages.PAGES[request.path]
+    body = resources.files("node").joinpath("static", name).read_bytes()
+    return web.Response(body=body, headers={**headers, **ADMIN_HEADERS,
+                                            "Content-Type": content_type})
 
 
 def _unknown(what: str, name: str, g: Any) -> ApiError:

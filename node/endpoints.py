@@ -8,11 +8,15 @@ region answered.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+
+from node import admin
 
 if TYPE_CHECKING:
     from node.ports import Status
@@ -55,8 +59,49 @@ STATIC_PAGES = {
 }
 
 
-def route(node: Status, path: str) -> HttpReply:
-    """Answer a plain HTTP GET (anything that is not the /v1 WebSocket upgrade)."""
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_local(remote: Any, headers: Mapping[str, str]) -> bool:
+    """A loopback client (``remote`` is the socket's peer address), asking for a loopback
+    host (not a DNS-rebound name), that no proxy forwarded (proxies add these headers)."""
+    try:
+        ip = ipaddress.ip_address(str(remote[0]).split("%", 1)[0])
+    except (TypeError, IndexError, ValueError):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    host = headers.get("Host", "")
+    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    return (ip.is_loopback and host.lower() in LOOPBACK_HOSTS
+            and not any(h in headers for h in ("Forwarded", "X-Forwarded-For", "X-Real-IP")))
+ADMIN_HEADERS = {"Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'",
+                 "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                 "Cache-Control": "no-store"}
+
+
+def _admin(node: Status, path: str, local: bool) -> HttpReply:
+    """The operations page on this port: only with no server API, to loopback clients."""
+    view = node.admin
+    if view is None or not view.on_node_port:
+        return text_reply(HTTPStatus.NOT_FOUND, "the operations page is not served on this "
+                          "port: see the server API (API_PORT) or ADMIN_LOCAL")
+    if not local:
+        return text_reply(HTTPStatus.FORBIDDEN, "the operations page answers loopback "
+                          "clients only (http(s)://127.0.0.1:PORT/admin over TCP, no proxy)")
+    if path == admin.OVERVIEW_PATH:
+        reply = json_reply(HTTPStatus.OK, view.cached())
+    else:
+        reply = _static(*admin.PAGES[path]) or text_reply(HTTPStatus.NOT_FOUND, "no page")
+    return HttpReply(reply.status, reply.body, reply.content_type,
+                     {**reply.headers, **ADMIN_HEADERS})
+
+
+def route(node: Status, path: str, *, local: bool = False) -> HttpReply:
+    """Answer a plain HTTP GET (anything that is not the /v1 WebSocket upgrade); ``local``:
+    the client passed :func:`is_local` (only the WebSocket listener's TCP requests can)."""
+    if path in admin.PAGES or path == admin.OVERVIEW_PATH:
+        return _admin(node, path, local)
     if path == "/health":
         return json_reply(HTTPStatus.OK, node.health())
     if path == "/ready":

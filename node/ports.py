@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from node.admin import AdminView
     from node.presence import Peer
     from node.protocol import Fault
     from node.tls import CertInfo
@@ -92,3 +93,6 @@ class Status(Protocol):
     def metrics_text(self) -> str: ...
 
     def directory(self) -> list[dict[str, Any]]: ...
+
+    #: The operations page's data (node/admin.py); None before node/app.py sets it.
+    admin: AdminView | None

@@ -234,7 +234,8 @@ def test_the_openapi_document() -> None:
     assert ops == {("GET", "/v1/apps/{app}/channels"),
                    ("GET", "/v1/apps/{app}/channels/{channel}/members"),
                    ("GET", "/v1/apps/{app}/users/{id}"),
-                   ("POST", "/v1/apps/{app}/channels/{channel}/publish")}
+                   ("POST", "/v1/apps/{app}/channels/{channel}/publish"),
+                   ("GET", "/v1/admin/overview")}  # the operations page (tests/test_admin.py)
 
 
 def test_the_checker_refuses_what_the_document_does_not_say() -> None:

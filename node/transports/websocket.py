@@ -345,7 +345,8 @@ class WebSocketListener:
                 why = f"no WebSocket endpoint at {path[:100]}"
                 reply = endpoints.text_reply(HTTPStatus.NOT_FOUND, why)
             else:
-                reply = endpoints.route(self.status, path)
+                local = endpoints.is_local(conn.remote_address, request.headers)
+                reply = endpoints.route(self.status, path, local=local)
             return _reply(reply.status, reply.body, reply.content_type,
                           {**reply.headers, **self._headers()})
         admission = await self.peers.admit(query, "websocket")
