@@ -59,7 +59,7 @@ class Sink:
         self.server.shutdown()
 
 
-def run(log_dir: Path, *, peers: int = 1000, rounds: int = 2, duration: float = 4.0,
+def run(log_dir: Path, *, peers: int = 1000, rounds: int = 3, duration: float = 4.0,
         warmup: float = 1.5, window: int = 128, workers: int = 2) -> dict[str, Any]:
     sink = Sink()
     env_on = {"YOMO_TRACE_JAEGER_ENDPOINT": sink.url, "OTEL_BSP_SCHEDULE_DELAY": "200"}

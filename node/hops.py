@@ -6,8 +6,14 @@ span (mesh/tracing.py): the root span of each node carries the hop's identity
 (transport, peer, app, channel, op); children carry only what is theirs, because every
 attribute is paid for at 100% sampling, on the hot path and again when encoding.
 
-    prscd.receive (SERVER) -> presence.handle, source.publish (PRODUCER)
-        ... bus ... stream_function.receive (CONSUMER) -> presence.dispatch
+    prscd.receive (SERVER) ... bus ... stream_function.receive (CONSUMER)
+
+The rules' work and the publish are not spans of their own: the count of peers reached
+(``prscd.delivered``) and the subject published to go on the hop's span, whose context
+travels in the bus headers. Five spans per cross-node message became two; spans are
+most of what tracing every message costs (docs/tracing.md). A publish with no traced
+hop around it (an offline the node sends for a peer, backend data) is a root
+``source.publish`` (PRODUCER) span.
 
 What is traced: every presence change (joins, leaves, states, offlines, node down) and a
 share of ``data`` messages (cursor moves), ``TRACE_DATA_RATIO`` (default 1%). The choice
@@ -62,26 +68,35 @@ class Hops:
 
     def handle(self, rules: Callable[[Peer, Signalling], list[Action]], peer: Peer,
                sig: Signalling) -> list[Action]:
-        """``rules(peer, sig)`` (presence.handle), in a span when its frame is traced."""
-        if not self.on or not get_current_span().is_recording():
+        """``rules(peer, sig)`` (presence.handle); the peers reached go on the hop's span."""
+        if not self.on:
             return rules(peer, sig)
-        with self.tracing.span("presence.handle") as span:
-            actions = rules(peer, sig)
+        actions = rules(peer, sig)
+        span = get_current_span()
+        if span.is_recording():
             span.set_attribute("prscd.delivered", delivered(actions))
         return actions
 
     def publish(self, sig: Signalling) -> AbstractContextManager[dict[str, str] | None]:
         """Around a Source publish; gives the bus headers that carry the trace."""
-        if not self.on or (sig.t == DATA and not get_current_span().is_recording()):
+        if not self.on:
+            return _NO_HEADERS
+        span = get_current_span()
+        if span.is_recording():
+            span.set_attribute("messaging.destination.name", self._subject(sig))
+            return contextlib.nullcontext(self.tracing.inject())
+        if sig.t == DATA:
             return _NO_HEADERS
         return self._publish(sig)
 
+    def _subject(self, sig: Signalling) -> str:
+        return event_subject(sig.app or "", sig.c, TAG_PEER, self.mesh_id, self.node_id)
+
     @contextlib.contextmanager
     def _publish(self, sig: Signalling) -> Iterator[dict[str, str]]:
-        subject = event_subject(sig.app or "", sig.c, TAG_PEER, self.mesh_id, self.node_id)
         with self.tracing.span("source.publish", PRODUCER, {
                 "messaging.system": self.bus_kind, "messaging.operation": "publish",
-                "messaging.destination.name": subject}):
+                "messaging.destination.name": self._subject(sig)}):
             yield self.tracing.inject()
 
     def dispatch(self, event: MeshEvent) -> AbstractContextManager[Span]:
@@ -99,8 +114,7 @@ class Hops:
                  "prscd.tag": event.tag, "prscd.app": sig.app or "", "prscd.channel": sig.c,
                  "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""}
         parent = self.tracing.extract(event.message.headers)
-        with (self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent),
-              self.tracing.span("presence.dispatch") as span):
+        with self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent) as span:
             yield span
 
     def disconnect(self, peer: Peer) -> AbstractContextManager[Span]:
