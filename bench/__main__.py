@@ -28,6 +28,10 @@ Benchmarks (``--only`` takes a comma-separated list):
 - ``webtransport``: 100 and 500 receivers over WebTransport datagrams vs WebSocket on the
   same node (TLS on), one and 32 messages in flight: node CPU per delivery (ratio, goal
   <= 2x), deliveries lost, idle KiB per peer (goal <= 40)
+- ``geo``:      three regions 40/90/60 ms apart (``infra/wan.py`` proxies): cross-region
+  delivery vs raw NATS through the same proxies, newcomer/departure convergence, false
+  node-downs, the same with 1% of gateway chunks stalled 500 ms, a far node killed
+  (2 + 2 minutes here; ``python -m bench.geo --minutes N`` for other lengths)
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from typing import Any
 from bench.procs import ROOT
 
 ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
-       "native", "webtransport")
+       "native", "webtransport", "geo")
 
 
 def machine() -> dict[str, Any]:
@@ -77,6 +81,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
     from bench import (
         capacity,
         fanout,
+        geo,
         joinstorm,
         latency,
         members_query,
@@ -119,6 +124,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         "webtransport": lambda: wt_fanout.run(logs, **({"receivers": (20,), "windows": (1, 8),
                                                         "rounds": 1, "duration": 1.0,
                                                         "warmup": 0.5} if quick else {})),
+        "geo": lambda: geo.run(logs, **({"quick": True} if quick else {"minutes": 4.0})),
     }
     todo = list(names)
     if "fanout" in todo:
@@ -278,6 +284,12 @@ def markdown(r: dict[str, Any]) -> str:
         from bench.wt_fanout import table_rows
 
         for cells in table_rows(wt):
+            row(*cells)
+    g = r.get("geo")
+    if g is not None and not skipped("geo (WAN)", g):
+        from bench.geo import table_rows as geo_rows
+
+        for cells in geo_rows(g):
             row(*cells)
     return "\n".join(lines) + "\n"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.geo import run_async
 from infra.cluster import Cluster
 from infra.wan import Link, WanConfig, WanProxies, parse_delay
 from tests.mesh.conftest import cluster_ports
@@ -140,14 +140,6 @@ async def test_settings_swap_applies_to_new_chunks(sink: Sink) -> None:
 # -- a short WAN cluster run ------------------------------------------------------------
 
 
-def false_downs(cluster: Cluster) -> list[str]:
-    lines = []
-    for r in cluster.regions:
-        text = Path(cluster.procs[("node", r)].log).read_text(errors="replace")
-        lines += [f"{r}: {m}" for m in re.findall(r"node down node=\S+ reason=timeout.*", text)]
-    return lines
-
-
 @pytest.fixture
 def wan_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     from tests.mesh_helpers import free_port_block
@@ -160,3 +152,30 @@ def wan_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         yield c  # type: ignore[misc]
     finally:
         c.down()
+
+
+async def test_wan_cluster_short_run(wan_cluster: Cluster) -> None:
+    """12 s of bench/geo.py's steady phase: probes, cursors, newcomers in every region."""
+    c = wan_cluster
+    status = {(row["kind"], row["region"]): row for row in c.status()}
+    assert all(status[("wan", r)]["running"] for r in c.regions)
+    r = await run_async(c, phase_s=12.0, stall=False, kill=False, churn_gap=3.0)
+    steady = r["steady"]
+    print(f"\nWAN short run: {steady['delivery']['pooled_minus_one_way']}, "
+          f"newcomer {steady['newcomer_seen']['every_member']}, cursor {steady['cursor']}")
+    assert r["false_node_down"] == []
+    # Delivery across the slowest link pays its delay, and not much more.
+    far = steady["delivery"]["links"]["us-east->ap-south"]
+    assert far["mesh"]["n"] >= 20 and far["raw"]["n"] >= 20
+    assert 80 <= far["mesh"]["p50_ms"] <= 600, far
+    assert steady["cursor"]["lost"] == 0 and steady["cursor"]["duplicated"] == 0
+    assert steady["cursor"]["deliveries"] > 0
+    # Every member in every region lists each newcomer, after at least the slowest
+    # link it crosses (60 ms or more, less jitter) and well within seconds.
+    joins = steady["newcomer_seen"]
+    assert joins["events"] >= 2 and joins["incomplete"] == 0, joins
+    assert 45 <= joins["every_member"]["p50_ms"] <= 3000, joins
+    # The gateway links really went through the proxies.
+    stats = c.wan_stats("ap-south")["links"]["gateway->ap-south"]
+    assert stats["connections"] >= 2
+    assert stats["directions"]["us-east->ap-south"]["added_ms_mean"] >= 80
