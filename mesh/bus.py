@@ -11,6 +11,7 @@ import abc
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 # The bus states /health reports; /ready is 503 unless the bus is "up".
 EMBEDDED = "embedded"
@@ -79,6 +80,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     def new_inbox(self) -> str:
         """A subject nobody else uses, for answers: subscribe ``<inbox>.*`` to get them."""
+
+    def where(self) -> dict[str, Any]:
+        """Which server the bus is on and whether that is home (/health, /metrics); empty
+        for a bus without servers."""
+        return {}
 
     @abc.abstractmethod
     async def close(self) -> None: ...

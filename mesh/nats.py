@@ -18,6 +18,10 @@ Connection policy:
 - Publishing while reconnecting is buffered by nats-py (and sent on reconnect); a
   publish that cannot be buffered raises, and the bridge counts it: it never reaches a
   peer's connection.
+- The first server of ``NATS_URL`` is home. A node on another server probes home
+  (``mesh/home.py``) and moves back once home has been healthy for ``NATS_FAILBACK_AFTER``
+  seconds (times a per-node factor in [1, 1.5), so a region's nodes do not move in the same
+  instant), make-before-break: ``FailBack.move`` (``mesh/home.py``).
 
 States reported through ``_set_state`` (``/health`` shows them, ``/ready`` follows):
 ``connecting`` (never connected yet), ``connected`` (both connections up),
@@ -27,10 +31,13 @@ States reported through ``_set_state`` (``/health`` shows them, ``/ready`` follo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
 import ssl
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -47,11 +54,16 @@ from mesh.bus import (
     Handler,
     Subscription,
 )
+from mesh.home import FailBack, Overlap
 
 if TYPE_CHECKING:
     from node.config import Settings
 
 log = logging.getLogger("prscd.mesh.nats")
+
+#: Publishes a move home may hold while it swaps the Source connection (a fraction of a
+#: second); past this a publish fails and is counted like any other failed publish.
+HOLD_LIMIT = 100_000
 
 
 class BusUnavailable(ConnectionError):
@@ -147,7 +159,16 @@ class _NatsSubscription(Subscription):
     def __init__(self, conn: _Connection, subject: str, handler: Handler) -> None:
         self.conn, self.subject, self.handler = conn, subject, handler
         self.sub: Any = None
+        #: The same subscription on the connection a move home is opening.
+        self.next: Any = None
+        self.moving = False
         self.active = True
+
+    async def on_msg(self, conn: _Connection, msg: Msg) -> None:
+        move = conn.bus._overlap
+        if move is not None and not move.accept(self, conn, msg):
+            return  # held until the old connection is drained, or a copy already delivered
+        await self.deliver(msg)
 
     async def deliver(self, msg: Msg) -> None:
         message = BusMessage(msg.subject, msg.data, dict(msg.headers) if msg.headers else None,
@@ -160,12 +181,14 @@ class _NatsSubscription(Subscription):
     async def unsubscribe(self) -> None:
         self.active = False
         self.conn.waiting.discard(self)
-        sub, self.sub = self.sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # closed or reconnecting: the server forgets it anyway
-                log.debug("unsubscribe failed subject=%s error=%s", self.subject, exc)
+        self.conn.bus._subs.discard(self)
+        for sub in (self.sub, self.next):
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception as exc:  # closed or reconnecting: the server forgets it
+                    log.debug("unsubscribe failed subject=%s error=%s", self.subject, exc)
+        self.sub = self.next = None
 
 
 class _Connection:
@@ -182,6 +205,20 @@ class _Connection:
         self.errors = 0
         self.disconnects = 0
         self._last_error_log = 0.0
+        #: Replaced by a move home: its callbacks no longer speak for the bus.
+        self.retired = False
+
+    def on_home(self, home: tuple[str | None, int | None]) -> bool:
+        url = self.nc.connected_url
+        return url is not None and (url.hostname, url.port or 4222) == home
+
+    async def open(self, opts: dict[str, Any]) -> None:
+        """Connect a connection that will replace a current one (a move home)."""
+        await self.nc.connect(**opts, error_cb=self._on_error,
+                              disconnected_cb=self._on_disconnected,
+                              reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
+        self.ever_connected = True
+        self.state = CONNECTED
 
     def server(self) -> str:
         url = self.nc.connected_url
@@ -214,6 +251,8 @@ class _Connection:
         self.bus._recompute()
 
     async def _on_error(self, exc: Exception) -> None:
+        if self.retired:
+            return
         self.errors += 1
         now = time.monotonic()
         if now - self._last_error_log >= 5.0 or self.bus.debug:
@@ -222,17 +261,22 @@ class _Connection:
                         self.errors)
 
     async def _on_disconnected(self) -> None:
-        if not self.ever_connected or self.bus.closing:
+        if not self.ever_connected or self.bus.closing or self.retired:
             return
         self.disconnects += 1
         log.warning("nats %s disconnected: reconnecting", self.role)
         self._change(RECONNECTING)
 
     async def _on_reconnected(self) -> None:
+        if self.retired:
+            return
         log.info("nats %s reconnected server=%s", self.role, self.server())
         self._change(CONNECTED)
 
     async def _on_closed(self) -> None:
+        if self.retired:
+            self.state = CLOSED
+            return
         if not self.bus.closing:
             log.error("nats %s connection closed", self.role)
         self._change(CLOSED)
@@ -276,6 +320,14 @@ class NatsBus(Bus):
         self._src = _Connection(self, "source", settings.sndr_name) if send else None
         self._sf = _Connection(self, "stream-function", settings.rcvr_name) if receive else None
         self._up_event = asyncio.Event()
+        #: Every live subscription (a move home makes each again on the new connection).
+        self._subs: set[_NatsSubscription] = set()
+        #: Set while a move home has both receiving connections subscribed (and a while after).
+        self._overlap: Overlap | None = None
+        #: Publishes held while a move home swaps the Source connection, in order.
+        self._held: deque[tuple[str, bytes, dict[str, str] | None, str]] | None = None
+        self.failback = FailBack(self, self.servers[0], redact(self.servers[0]),
+                                 settings.nats_failback_after) if self.servers else None
 
     @property
     def connections(self) -> list[_Connection]:
@@ -296,6 +348,8 @@ class NatsBus(Bus):
         else:
             self._up_event.clear()
         self._set_state(state)
+        if self.failback is not None:
+            self.failback.track()
 
     async def connect(self) -> None:
         """Start connecting; return once connected or after ``connect_wait`` seconds."""
@@ -306,6 +360,8 @@ class NatsBus(Bus):
         for conn in self.connections:
             opts = connect_options(self.settings, conn.name)
             conn.task = asyncio.get_running_loop().create_task(conn.run_connect(opts))
+        if self.failback is not None:
+            self.failback.start()
         if not await self.wait_up(self.connect_wait):
             log.warning("nats bus not connected after %.1fs: local peers are served, "
                         "the mesh keeps trying", self.connect_wait)
@@ -322,6 +378,12 @@ class NatsBus(Bus):
         conn = self._src
         if conn is None:
             raise BusUnavailable("this bus does not send")
+        if self._held is not None:  # a move home is swapping the Source connection
+            if len(self._held) >= HOLD_LIMIT:
+                self.publish_failed += 1
+                raise BusUnavailable("moving home: too many publishes held")
+            self._held.append((subject, data, headers, reply))
+            return
         if not conn.ever_connected or conn.nc.is_closed:
             self.publish_failed += 1
             raise BusUnavailable(f"nats {conn.state}")
@@ -337,10 +399,14 @@ class NatsBus(Bus):
         if conn is None:
             raise BusUnavailable("this bus does not receive")
         sub = _NatsSubscription(conn, subject, handler)
+        self._subs.add(sub)
         if conn.ever_connected:
             await self._attach(conn, sub)
         else:
             conn.waiting.add(sub)
+        move = self._overlap
+        if move is not None and move.holding and move.new is not conn:
+            await self._attach_next(sub, move.new)
         return sub
 
     def new_inbox(self) -> str:
@@ -353,7 +419,7 @@ class NatsBus(Bus):
     async def _attach(self, conn: _Connection, sub: _NatsSubscription) -> None:
         if not sub.active:
             return
-        sub.sub = await conn.nc.subscribe(sub.subject, cb=sub.deliver)
+        sub.sub = await conn.nc.subscribe(sub.subject, cb=functools.partial(sub.on_msg, conn))
         if conn.nc.is_connected:
             # The server has the interest before we answer the peer that caused it. nats-py
             # queues SUB for its flusher task but writes PING at once: let the flusher
@@ -364,6 +430,51 @@ class NatsBus(Bus):
             except Exception as exc:
                 log.debug("flush after subscribe failed: %s", exc)
 
+    async def _attach_next(self, sub: _NatsSubscription, conn: _Connection) -> None:
+        """Subscribe ``sub`` on the connection a move home is opening (no flush: the move
+        flushes once after all of them)."""
+        if not sub.active or sub.next is not None or sub.moving:
+            return
+        sub.moving = True
+        try:
+            sub.next = await conn.nc.subscribe(sub.subject,
+                                               cb=functools.partial(sub.on_msg, conn))
+        finally:
+            sub.moving = False
+        if not sub.active:  # unsubscribed meanwhile
+            with contextlib.suppress(Exception):
+                await sub.next.unsubscribe()
+            sub.next = None
+
+    def where(self) -> dict[str, Any]:
+        return self.failback.where() if self.failback is not None else {}
+
+    def _replacement(self, conn: _Connection) -> _Connection:
+        """A connection to take ``conn``'s place (same role and name) on a move home."""
+        return _Connection(self, conn.role, conn.name)
+
+    def _home_options(self, name: str) -> dict[str, Any]:
+        opts = connect_options(self.settings, name)
+        opts["servers"] = self.servers[:1]  # home only; the move widens the pool once there
+        return opts
+
+    async def _release_held(self) -> int:
+        """Send what publish() held during a move, in order, on the current Source."""
+        held, sent = self._held, 0
+        if held is None:
+            return 0
+        conn = self._src
+        while held:  # publish() appends here until the loop is done
+            subject, data, headers, reply = held.popleft()
+            try:
+                assert conn is not None
+                await conn.nc.publish(subject, data, reply=reply, headers=headers)
+                sent += 1
+            except Exception:
+                self.publish_failed += 1
+        self._held = None
+        return sent
+
     async def flush(self, timeout: float = 1.0) -> None:
         for conn in self.connections:
             if conn.nc.is_connected:
@@ -373,6 +484,7 @@ class NatsBus(Bus):
         return {
             "servers": [redact(s) for s in self.servers],
             "publish_failed": self.publish_failed,
+            **self.where(),
             "connections": {
                 c.role: {"name": c.name, "state": c.state, "server": c.server(),
                          "reconnects": c.nc.stats.get("reconnects", 0),
@@ -383,6 +495,8 @@ class NatsBus(Bus):
 
     async def close(self) -> None:
         self.closing = True
+        if self.failback is not None:
+            await self.failback.close()
         # The source first: what it still holds (a goodbye) goes out before we stop.
         for conn in self.connections:
             await conn.close()

@@ -205,6 +205,12 @@ class Settings:
                               "(over once none is left); 0 = stop now.")
     pid_file: str = _S("operations", "PID_FILE", "path", "", "Pid file path.",
                        shown="`$TMPDIR/prscd-PORT.pid`")
+    metrics: bool = _S("operations", "METRICS", "bool", True,
+                       "Keep the latency histograms of /metrics (docs/metrics.md); counters "
+                       "and gauges stay either way.")
+    metrics_port: int = _S("operations", "METRICS_PORT", "port", 0,
+                           "A plain-HTTP /metrics listener on HOST (with --workers N, worker "
+                           "n on METRICS_PORT+n); 0 = /metrics on PORT only.")
 
     nats_url: str = _S("mesh", "NATS_URL", "text", "",
                        "NATS servers, comma-separated, this region's first; empty = embedded bus.",
@@ -234,6 +240,9 @@ class Settings:
                                     "First reconnect wait once every server failed; doubles.")
     nats_reconnect_max_wait: float = _S("mesh", "NATS_RECONNECT_MAX_WAIT", "seconds", 2.0,
                                         "Longest reconnect wait (reconnects go on forever).")
+    nats_failback_after: float = _S("mesh", "NATS_FAILBACK_AFTER", "seconds", 30.0,
+                                    "Away from NATS_URL's first server, move back once it has "
+                                    "been healthy this long (x1-1.5 per node); 0 = stay.")
     heartbeat_interval: float = _S("mesh", "HEARTBEAT_INTERVAL", "positive", 1.0,
                                    "Seconds between this node's heartbeats on the bus.")
     node_timeout: float = _S("mesh", "NODE_TIMEOUT", "seconds", 3.0,
