@@ -25,6 +25,8 @@ Benchmarks (``--only`` takes a comma-separated list):
   local receiver, vs webhooks off: join -> receiver p50/p99, batches/s, CPU per join
 - ``native``:   fan-out (1,000 peers, one and 32 messages in flight) against a server that
   is not Python (Node.js ``ws``, ``bench/native/``) and ``websockets.broadcast``
+- ``workers``:  ``prscd --workers 1`` vs ``2`` on a local nats-server, WebSocket and
+  WebTransport receivers: deliveries per node-CPU-second and RSS per worker
 - ``webtransport``: 100 and 500 receivers over WebTransport datagrams vs WebSocket on the
   same node (TLS on), one and 32 messages in flight: node CPU per delivery (ratio, goal
   <= 2x), deliveries lost, idle KiB per peer (goal <= 40)
@@ -49,7 +51,7 @@ from typing import Any
 from bench.procs import ROOT
 
 ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
-       "native", "webtransport", "geo")
+       "native", "webtransport", "geo", "workers")
 
 
 def machine() -> dict[str, Any]:
@@ -89,6 +91,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         slow,
         tracing_overhead,
         webhooks,
+        workers,
         wt_fanout,
     )
 
@@ -121,6 +124,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
                                                    "rounds": 1} if quick else {})),
         "native": lambda: native.run(logs, **({"peers": 200, "rounds": 1, "duration": 1.5,
                                                "warmup": 0.5} if quick else {})),
+        "workers": lambda: workers.run(logs, **({"peers": 40, "rounds": 1, "duration": 1.5,
+                                                 "warmup": 0.5} if quick else {})),
         "webtransport": lambda: wt_fanout.run(logs, **({"receivers": (20,), "windows": (1, 8),
                                                         "rounds": 1, "duration": 1.0,
                                                         "warmup": 0.5} if quick else {})),
@@ -291,6 +296,16 @@ def markdown(r: dict[str, Any]) -> str:
 
         for cells in geo_rows(g):
             row(*cells)
+    wk = r.get("workers")
+    if wk is not None and not skipped("workers", wk):
+        for x in wk["rows"]:
+            rss = ", ".join(f"{k / 1024:.0f}" for k in x["worker_rss_idle_kib"])
+            row(f"--workers 2 vs 1, {x['transport']} ({x['receivers']} receivers, "
+                f"{x['window']} in flight): deliveries per node-CPU-second",
+                f"{_n(x['deliveries_per_cpu_s_2'])} ({_n(x['deliveries_per_s_2'])}/s; "
+                f"idle RSS {rss} MiB per worker)",
+                f"{_n(x['deliveries_per_cpu_s_1'])} ({_n(x['deliveries_per_s_1'])}/s, 1 worker)",
+                f"{x['ratio']:.2f}x per CPU-s, {x['throughput_ratio']:.2f}x per s", "-")
     return "\n".join(lines) + "\n"
 
 

@@ -133,7 +133,8 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, log_path: Path,
 
 
 def start_node(log_dir: Path, *, tls: bool = False, name: str = "prscd",
-               env: dict[str, str] | None = None, port: int | None = None) -> Server:
+               env: dict[str, str] | None = None, port: int | None = None,
+               args: list[str] | None = None) -> Server:
     """Run ``prscd`` with TLS as asked, on loopback, reading no ``.env`` file."""
     port = port or free_port()
     tmp = Path(tempfile.mkdtemp(prefix="prscd-bench-"))
@@ -148,7 +149,8 @@ def start_node(log_dir: Path, *, tls: bool = False, name: str = "prscd",
     full_env.update(env or {})
     log_path = log_dir / f"{name}-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*prscd_command(), "--env-file", os.devnull], env=full_env,
+        proc = subprocess.Popen([*prscd_command(), "--env-file", os.devnull, *(args or [])],
+                                env=full_env,
                                 stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     _wait_listening(proc, port, log_path)
     return Server(name, proc, port, tls, log_path, tmp)

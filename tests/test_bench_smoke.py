@@ -53,3 +53,19 @@ def test_native_ceiling_benchmark_runs_all_three_servers(tmp_path: Path) -> None
         assert row["cpu_vs_native"] > 0 and row["ratio"] > 0
     assert "ratio" in nat
     assert "native ceiling" in (tmp_path / "results.md").read_text()
+
+
+def test_workers_benchmark_runs_one_and_two_workers(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "workers", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wk = json.loads((tmp_path / "results.json").read_text())["workers"]
+    assert "error" not in wk and "skipped" not in wk, wk
+    assert [x["transport"] for x in wk["rows"]] == ["websocket", "webtransport"]
+    for x in wk["rows"]:
+        assert x["deliveries_per_cpu_s_1"] > 0 and x["deliveries_per_cpu_s_2"] > 0, x
+        assert len(x["worker_rss_idle_kib"]) == 2 and len(x["worker_rss_idle_kib_1"]) == 1, x
+        assert x["lost_1"] == 0 and x["lost_2"] == 0, x
+    assert "--workers 2 vs 1" in (tmp_path / "results.md").read_text()
