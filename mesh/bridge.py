@@ -20,6 +20,7 @@ import base64
 import logging
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -65,29 +66,40 @@ class MeshEvent:
     node: str
     tag: int
     message: BusMessage
+    #: The origin's wall clock at publish (0.0 from a node that does not stamp it).
+    sent_at: float = 0.0
 
 
 def pack(sig: Signalling, node_id: str, tag: int) -> bytes:
+    # "ts": the sender's wall clock, for the mesh delivery latency (docs/metrics.md);
+    # nodes that do not know the key ignore it.
     body = {
         "t": sig.t, "c": sig.c, "op": sig.op, "p": sig.p, "pl": sig.pl,
         "sid": sig.sid, "app": sig.app, "mesh": sig.mesh, "node": node_id, "tag": tag,
+        "ts": time.time(),
     }
     return msgpack.packb(body, use_bin_type=True)
 
 
 def unpack(data: bytes) -> tuple[Signalling, str, int]:
+    sig, node, tag, _ = unpack_event(data)
+    return sig, node, tag
+
+
+def unpack_event(data: bytes) -> tuple[Signalling, str, int, float]:
+    """:func:`unpack`, and the origin's publish time (0.0 when not stamped)."""
     try:
         body = msgpack.unpackb(data, raw=False)
         sig = Signalling(
             t=body["t"], c=body["c"], op=body.get("op"), p=body.get("p"), pl=body.get("pl"),
             sid=body.get("sid"), app=body["app"], mesh=body.get("mesh"),
         )
-        node, tag = str(body["node"]), int(body["tag"])
+        node, tag, sent_at = str(body["node"]), int(body["tag"]), float(body.get("ts", 0.0))
     except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"bad mesh message: {type(exc).__name__}") from None
     if not isinstance(sig.c, str) or not isinstance(sig.app, str):
         raise ProtocolError("bad mesh message: channel and app must be strings")
-    return sig, node, tag
+    return sig, node, tag, sent_at
 
 
 class Source:
@@ -98,14 +110,20 @@ class Source:
         self.published = 0
         self.failed = 0
         self._logged_at = 0
+        #: Observes each publish call's seconds (node/metrics.py); None = not timed.
+        self.timer: Callable[[float], None] | None = None
 
     async def publish(self, sig: Signalling, tag: int = TAG_PEER,
                       headers: dict[str, str] | None = None) -> None:
         assert sig.app is not None
         subject = event_subject(sig.app, sig.c, tag, self.mesh_id, self.node_id)
+        timer = self.timer
+        started = time.perf_counter() if timer is not None else 0.0
         try:
             await self.bus.publish(subject, pack(sig, self.node_id, tag), headers)
             self.published += 1
+            if timer is not None:
+                timer(time.perf_counter() - started)
         except Exception as exc:  # the bus is down: local presence carries on
             self.failed += 1
             # The first failure and every 1000th: not one line per message while away.
@@ -160,7 +178,7 @@ class StreamFunction:
 
     async def _receive(self, message: BusMessage) -> None:
         try:
-            sig, node, tag = unpack(message.data)
+            sig, node, tag, sent_at = unpack_event(message.data)
         except ProtocolError as exc:
             self.malformed += 1
             log.warning("stream function dropped subject=%s reason=%s", message.subject, exc)
@@ -170,7 +188,7 @@ class StreamFunction:
             self.echoes += 1
             return
         self.received += 1
-        await self.on_event(MeshEvent(sig, node, tag, message))
+        await self.on_event(MeshEvent(sig, node, tag, message, sent_at))
 
     async def close(self) -> None:
         await self.settled()

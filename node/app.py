@@ -11,17 +11,20 @@ mesh, stop answering queries, close the bus, flush the spans, close the auth cli
 from __future__ import annotations
 
 import logging
+from ssl import SSLContext
 from typing import Any, Protocol
 
 from mesh.bridge import new_node_id
 from mesh.bus import Bus, EmbeddedBus
 from mesh.query import MeshQuery
 from mesh.tracing import make_tracing
+from node.admin import AdminView
 from node.api import ApiListener
 from node.auth import Auth
 from node.config import Settings
+from node.metrics import MetricsListener
 from node.server import Node
-from node.tls import CertInfo, server_context
+from node.tls import CertificateWatcher, CertInfo, server_context
 from node.transports.websocket import WebSocketListener
 from node.transports.webtransport import WebTransportListener
 from node.webhooks import Webhooks
@@ -55,14 +58,21 @@ class App:
         self.query = MeshQuery(self.node.bus, node_id, self.node.liveness,
                                settings.api_query_timeout, on_drop=self.node.count_drop)
         self.node.answer_queries(self.query)
+        # The operations page (node/admin.py): on the API when it is on, else on PORT for
+        # loopback clients (ADMIN_LOCAL); node/endpoints.py and node/api.py serve it.
+        self.node.admin = AdminView(self.node, self.query, on_node_port=(
+            not settings.api_keys and settings.admin_local))
         if settings.webhook_url:  # channel events ask the mesh too (node/occupancy.py)
             self.node.webhooks = Webhooks(settings, node_id=node_id,
                                           presence=self.node.presence,
                                           count_drop=self.node.count_drop, query=self.query)
         self.api_port: int | None = None
+        self.metrics_port: int | None = None
         self.listeners: list[Listener] = []
         self.addresses: list[tuple[str, int]] = []
         self.port = settings.port
+        #: Follows the certificate files (node/tls.py): renewed pairs without a restart.
+        self.certificates: CertificateWatcher | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -84,17 +94,40 @@ class App:
             self.addresses += await wt.start(self.port, cert)
             self.listeners.append(wt)
         if settings.api_keys:
-            api = ApiListener(settings, node, self.query)
+            api = ApiListener(settings, node, self.query, admin=node.admin)
             self.api_port = (await api.start(ssl))[0][1]
             self.listeners.append(api)
+            node.metrics.api_answered = api.answered  # read at scrape time
+        if settings.metrics_port:
+            metrics = MetricsListener(node.metrics, settings.host, settings.metrics_port)
+            self.metrics_port = (await metrics.start())[0][1]
+            self.listeners.append(metrics)
+        if ssl is not None and cert is not None:
+            self.certificates = self._watch_certificate(cert, ssl)
         log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s", node.node_id,
                  settings.mesh_id, self.port, ssl is not None, node.bus.kind)
+
+    def _watch_certificate(self, cert: CertInfo, ssl: SSLContext) -> CertificateWatcher:
+        """New TCP connections (WebSocket, the API) take the pair from the shared context,
+        new QUIC connections from the listener's configuration, /cert-hash from node.cert."""
+        on_change = [lambda info: ssl.load_cert_chain(info.cert_file, info.key_file)]
+        for listener in self.listeners:
+            if isinstance(listener, WebTransportListener):
+                on_change.append(listener.use_certificate)
+                on_change.append(listener.log_browser_hints)  # the SPKI flag changed
+        on_change.append(lambda info: setattr(self.node, "cert", info))
+        watcher = CertificateWatcher(cert, on_change, cache_dir=self.settings.cert_cache_dir,
+                                     domain=self.settings.domain)
+        watcher.start()
+        return watcher
 
     async def stop(self) -> None:
         if self._stopped:
             return
         self._stopped = True
         node = self.node
+        if self.certificates is not None:
+            await self.certificates.stop()
         node.draining = True
         for listener in self.listeners:
             await listener.close()

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from node.ports import Status
 
 JSON = "application/json"
+#: The Prometheus text format 0.0.4 (what node/metrics.py writes).
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,7 @@ def route(node: Status, path: str, *, local: bool = False) -> HttpReply:
         # The node directory an edge function reads to send a user to a healthy region.
         return json_reply(HTTPStatus.OK, {"mesh_id": node.mesh_id, "nodes": node.directory()})
     if path == "/metrics":
-        return HttpReply(HTTPStatus.OK, node.metrics_text().encode(), "text/plain; version=0.0.4")
+        return HttpReply(HTTPStatus.OK, node.metrics_text().encode(), METRICS_TYPE)
     if path in STATIC_PAGES:
         reply = _static(*STATIC_PAGES[path])
         if reply is not None:

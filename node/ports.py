@@ -76,6 +76,14 @@ class Peers(Protocol):
 
     def count_drop(self, reason: str, n: int = 1) -> None: ...
 
+    def count_http(self, status: int) -> None:
+        """An HTTP answer went out on the node's port (/metrics counts them by status)."""
+        ...
+
+    def ping_rtt(self, peer: Peer, seconds: float) -> None:
+        """A keepalive round trip of ``peer`` (for the RTT histogram)."""
+        ...
+
 
 class Status(Protocol):
     """What /health, /ready, /metrics, /cert-hash and /v1/nodes read."""

@@ -29,6 +29,7 @@ from node.auth import Auth, AuthError, AuthUnavailable
 from node.config import Settings
 from node.hops import Hops
 from node.limits import Guard
+from node.metrics import NodeMetrics, close_code
 from node.ports import Admission, Link
 from node.presence import Action, Close, Deliver, Interest, Member, Peer, Presence, Publish
 from node.protocol import Fault, ProtocolError, Signalling
@@ -82,6 +83,10 @@ class Node:
         self.webhooks: Webhooks | None = None
         #: The operations page's data (node/admin.py), set by node/app.py.
         self.admin: AdminView | None = None
+        #: /metrics (node/metrics.py): read at scrape time; histograms unless METRICS=false.
+        self.metrics = NodeMetrics(self, histograms=settings.metrics)
+        if self.metrics.publish is not None:
+            self.source.timer = self.metrics.publish.observe
 
     @property
     def mesh_id(self) -> str:
@@ -108,12 +113,16 @@ class Node:
         try:
             grant = await self.auth.grant(publickey, client_id)
         except AuthError as exc:  # 403, or 401 for an expired token (AuthExpired)
+            self.metrics.auth["expired" if exc.status == HTTPStatus.UNAUTHORIZED
+                              else "denied"] += 1
             log.info("rejected transport=%s id=%s status=%d reason=%s", transport, client_id,
                      exc.status, exc)
             return Admission(exc.status, exc.answer)
         except AuthUnavailable as exc:
             self.count_drop("auth_unavailable")
+            self.metrics.auth["unavailable"] += 1
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, exc.answer)
+        self.metrics.auth["ok"] += 1
         return Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", client_id, grant.app,
                          grant.channels)
 
@@ -122,6 +131,7 @@ class Node:
                     app=admission.app, transport=transport,
                     allowed_channels=admission.channels)
         self.links[peer.sid] = link
+        self.metrics.opened[transport] += 1
         self.presence.connect(peer)
         self.guard.opened(peer, time.monotonic())
         log.info("peer open sid=%s id=%s app=%s transport=%s",
@@ -129,11 +139,15 @@ class Node:
         return peer
 
     async def receive(self, peer: Peer, frame: bytes) -> None:
+        started = time.perf_counter() if self.metrics.frame is not None else 0.0
         if peer.sid not in self.links:
             self.count_drop("after_close")  # closed already; the connection is closing
             return
+        # The cost model (SECURITY.md): the head (t, op, c) is read at a bounded cost, the
+        # rate is charged, a frame for a channel not joined is dropped, and only then is
+        # the payload decoded (itself bounded by protocol.MAX_PAYLOAD_ITEMS).
         try:
-            sig = protocol.decode(frame)
+            sig = protocol.decode_head(frame)
         except ProtocolError as exc:
             await self._execute([Close(peer, exc.fault, str(exc))])
             return
@@ -144,11 +158,21 @@ class Node:
             else:
                 self.count_drop("rate_limited")
             return
+        if sig.op != protocol.CHANNEL_JOIN and sig.c not in peer.channels:
+            self.count_drop("not_joined")
+            return
+        try:
+            protocol.check_payload(sig)
+        except ProtocolError as exc:
+            await self._execute([Close(peer, exc.fault, str(exc))])
+            return
         if self.settings.debug:
             log.debug("frame sid=%s id=%s t=%s op=%s c=%r bytes=%d",
                       peer.sid, peer.client_id, sig.t, sig.op, sig.c, len(frame))
         with self.hops.receive(peer, sig, len(frame)):
             await self._execute(self.hops.handle(self.presence.handle, peer, sig))
+        if started:
+            self.metrics.handled(sig, time.perf_counter() - started)
 
     def fault(self, peer: Peer, fault: Fault, reason: str) -> None:
         self._close_soon(Close(peer, fault, reason))
@@ -160,12 +184,19 @@ class Node:
 
     async def closed(self, peer: Peer, why: str) -> None:
         if self.links.pop(peer.sid, None) is not None:  # else closed by the node already
+            self.metrics.closed[peer.transport, close_code(why)] += 1
             if not self.links:
                 self._no_peers.set()
             await self._offline(peer, self._leave(peer, why))
 
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.presence.dropped[reason] += n
+
+    def count_http(self, status: int) -> None:
+        self.metrics.http[status] += 1
+
+    def ping_rtt(self, peer: Peer, seconds: float) -> None:
+        self.metrics.ping_rtt(peer.transport, seconds)
 
     # -- the server API (node/api.py) ------------------------------------------
 
@@ -232,6 +263,7 @@ class Node:
         if not self.links:
             self._no_peers.set()
         self.count_drop(close.fault.counter)
+        self.metrics.closed[peer.transport, str(close.fault.code)] += 1
         log.warning("closing sid=%s id=%s transport=%s code=%d reason=%s", peer.sid,
                     peer.client_id, peer.transport, close.fault.code, close.reason)
         link.close(close.fault.code, close.reason)
@@ -267,6 +299,7 @@ class Node:
         with self.hops.dispatch(event) as span:
             sent = await self._execute(self.presence.dispatch_remote(sig, event.node))
             span.set_attribute("prscd.delivered", sent)
+        self.metrics.mesh_delivered(sig.mesh or "backend", event.sent_at)
 
     def _on_node_down(self, node: str, why: str) -> None:
         """Another node died or left: its members go offline for our peers."""
@@ -320,7 +353,7 @@ class Node:
             "peers": len(self.links),
             "channels": self.presence.channel_count(),
             "realms": len(self.presence.realms),
-            "bus": {"kind": self.bus.kind, "state": self.bus.state},
+            "bus": {"kind": self.bus.kind, "state": self.bus.state, **self.bus.where()},
             "mesh": self.liveness.summary(),
             "dropped": dict(self.presence.dropped),
         }
@@ -344,21 +377,8 @@ class Node:
         }
 
     def metrics_text(self) -> str:
-        lines = [
-            f"prscd_peers {len(self.links)}",
-            f"prscd_channels {self.presence.channel_count()}",
-            f"prscd_frames_handled_total {self.presence.handled}",
-            f"prscd_frames_delivered_total {self.delivered}",
-            f"prscd_mesh_published_total {self.source.published}",
-            f"prscd_mesh_publish_failed_total {self.source.failed}",
-            f"prscd_mesh_received_total {self.stream_function.received}",
-            f"prscd_bus_up {int(self.bus.up)}",
-        ]
-        if self.webhooks is not None:
-            lines += self.webhooks.metrics_lines()
-        lines += [f'prscd_dropped_total{{reason="{r}"}} {n}'
-                  for r, n in sorted(self.presence.dropped.items())]
-        return "\n".join(lines) + "\n"
+        """The Prometheus text of this node's registry (node/metrics.py, docs/metrics.md)."""
+        return self.metrics.text().decode()
 
     # -- lifecycle (node/app.py calls these in order) -------------------------
 

@@ -382,12 +382,3 @@ class Webhooks:
                 "batches_sent": s.batches_sent, "events_sent": s.events_sent,
                 "batches_retried": s.batches_retried, "batches_failed": s.batches_failed,
                 "occupancy_asks": self.occupancy.asks}
-
-    def metrics_lines(self) -> list[str]:
-        s = self.sender.stats
-        return [f"prscd_webhook_queued {self.sender.queued}",
-                f"prscd_webhook_held {len(self.grace)}",
-                f"prscd_webhook_batches_sent_total {s.batches_sent}",
-                f"prscd_webhook_events_sent_total {s.events_sent}",
-                f"prscd_webhook_batches_retried_total {s.batches_retried}",
-                f"prscd_webhook_batches_failed_total {s.batches_failed}"]

@@ -11,6 +11,10 @@ SIGINT (drain, then stop; a second one cuts the drain short) and SIGUSR1 / SIGUS
 on its own (after a pause, so a crash loop does not spin), and exits when all have
 stopped. Each worker is a plain ``prscd`` process with its own pid file
 (``PID_FILE.<n>``) and dies with the supervisor (PR_SET_PDEATHSIG) if that is killed.
+
+Metrics: ``/metrics`` on the shared PORT answers from whichever worker the kernel picks.
+With ``METRICS_PORT=P`` worker n serves its own on P+n (node/metrics.py), one scrape
+target per worker, as each is its own mesh member (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ def check(settings: Settings, workers: int) -> str | None:
     if workers > 1 and not settings.nats_url:
         return ("--workers N needs NATS_URL: each worker is its own mesh member, and "
                 "without a bus peers on different workers would not see each other")
+    if settings.metrics_port and settings.metrics_port + workers - 1 > 65535:
+        return f"METRICS_PORT={settings.metrics_port} leaves no port for worker {workers - 1}"
     return None
 
 
@@ -71,6 +77,8 @@ def supervise(settings: Settings, workers: int, env_file: str,
 
     def start(index: int) -> None:
         env = {**environ, "PORT": str(port), "PID_FILE": f"{pid_path}.{index}"}
+        if settings.metrics_port:  # PORT is shared: each worker's /metrics on a port of its own
+            env["METRICS_PORT"] = str(settings.metrics_port + index)
         # A session of its own: a terminal's Ctrl-C reaches the supervisor only, which
         # forwards one signal (a second one would cut the drain short).
         procs[index] = subprocess.Popen(command, env=env, start_new_session=True,
@@ -90,6 +98,9 @@ def supervise(settings: Settings, workers: int, env_file: str,
     write_pid_file(pid_path)
     log.info("supervisor pid=%d workers=%d port=%d pid_file=%s", os.getpid(), workers, port,
              pid_path)
+    if workers > 1 and not settings.metrics_port:
+        log.warning("/metrics on port %d answers from one worker at a time: set METRICS_PORT "
+                    "for one /metrics port per worker (docs/metrics.md)", port)
     restart_at: dict[int, float] = {}
     try:
         for index in range(workers):

@@ -39,6 +39,10 @@ class FakeWS:
 class FakePeers:
     def __init__(self) -> None:
         self.faults: list[tuple[str, Fault, str]] = []
+        self.rtts: list[float] = []
+
+    def ping_rtt(self, peer: Peer, seconds: float) -> None:
+        self.rtts.append(seconds)
 
     def fault(self, peer: Peer, fault: Fault, reason: str) -> None:
         self.faults.append((peer.client_id, fault, reason))
@@ -62,6 +66,7 @@ async def test_live_peers_are_pinged_every_interval_and_get_their_rtt() -> None:
         keepalive.stop()
     assert peers.faults == []
     assert live.peer is not None and live.peer.rtt_ms == 2.5
+    assert peers.rtts and set(peers.rtts) == {0.0025}  # the node's RTT histogram
     # The payload is an 8-byte big-endian millisecond timestamp (the client echoes it).
     stamp = struct.unpack(">Q", ws.pings[-1])[0]
     assert abs(stamp - time.time() * 1000) < 5000

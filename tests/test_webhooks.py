@@ -39,7 +39,8 @@ async def hooked(node_factory: NodeFactory, rx: Receiver, **env: Any) -> Running
 async def metrics(rn: RunningNode) -> dict[str, float]:
     _, _, body = await get(f"https://127.0.0.1:{rn.port}/metrics")
     return {k: float(v) for k, _, v in (line.rpartition(" ") for line in
-                                         body.decode().splitlines() if line)}
+                                         body.decode().splitlines()
+                                         if line and not line.startswith("#"))}
 
 
 async def gone(rn: RunningNode, n: int) -> None:

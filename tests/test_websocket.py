@@ -51,7 +51,7 @@ async def test_ready_and_metrics(node: RunningNode) -> None:
     status, _, body = await get(f"https://127.0.0.1:{node.port}/ready")
     assert status == 200 and json.loads(body)["ready"] is True
     status, _, body = await get(f"https://127.0.0.1:{node.port}/metrics")
-    assert status == 200 and b"prscd_peers 0" in body
+    assert status == 200 and b"prscd_peers 0.0" in body
 
 
 async def test_unknown_path_is_404_with_mesh_header(node: RunningNode) -> None:

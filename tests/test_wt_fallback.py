@@ -74,7 +74,7 @@ async def test_1137_bytes_go_as_a_datagram_1138_on_a_counted_stream(
     assert node.node.health()["dropped"][TOO_BIG_FOR_DATAGRAM] == 2
     status, _, body = await get(f"https://127.0.0.1:{node.port}/metrics")
     assert status == 200
-    assert f'prscd_dropped_total{{reason="{TOO_BIG_FOR_DATAGRAM}"}} 2' in body.decode()
+    assert f'prscd_dropped_total{{reason="{TOO_BIG_FOR_DATAGRAM}"}} 2.0' in body.decode()
     # One line per peer, not per message; it names the size and the room, no key.
     lines = [r.getMessage() for r in caplog.records if "datagram room" in r.getMessage()]
     assert len(lines) == 1, lines
