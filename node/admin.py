@@ -154,10 +154,12 @@ class AdminView:
         self._missing = list(g.missing)
 
     async def fresh(self) -> dict[str, Any]:
-        """The overview after a mesh query (or the one in flight; at most the query's
-        timeout): what the server API answers."""
+        """What the server API answers: as :meth:`cached`, except that the first request
+        waits for the first mesh query (at most API_QUERY_TIMEOUT). Later ones never wait
+        for it: a node that died is waited for until it is declared dead, and the page
+        must show that at once (states come from liveness, fresh at every request)."""
         task = self._kick()
-        if task is not None:
+        if task is not None and not self._answers:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
         return self.overview()

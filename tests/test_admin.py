@@ -20,9 +20,11 @@ from testkit.net import insecure
 from tests.api_helpers import Api, raw_http
 from tests.conftest import NodeFactory, RunningNode
 from tests.helpers import data_frame, get, joined, peer
-from tests.mesh_helpers import wait_until
+from tests.mesh.conftest import nats_factory, nats_server
+from tests.mesh_helpers import NatsServer, wait_until
 
 OVERVIEW = "/v1/admin/overview"
+__all__ = ["nats_factory", "nats_server"]  # fixtures (tests/mesh/conftest.py)
 
 
 async def fetch(url: str, headers: dict[str, str] | None = None,
@@ -63,8 +65,8 @@ async def test_the_page_on_the_node_port_for_loopback_clients(node: RunningNode)
 
 async def test_peers_channels_rates_and_drops_move(node: RunningNode) -> None:
     a = await joined(node, "busy", "alice")
-    b = await joined(node, "busy", "bob")
-    b2 = await joined(node, "busy", "bob")  # a second connection of the same id
+    # bob twice (two connections of one id); these never read: the node's stop ends them.
+    _readers = [await joined(node, "busy", "bob"), await joined(node, "busy", "bob")]
     c = await joined(node, "quiet", "carol")
     stray = await peer(node, "dora")
     await stray.send(data_frame("nowhere", "x", '"y"'))  # not joined: dropped, counted
@@ -92,7 +94,7 @@ async def test_peers_channels_rates_and_drops_move(node: RunningNode) -> None:
     o = await overview(node)
     drops = {d["reason"]: d["total"] for d in o["dropped"]}
     assert drops["not_joined"] >= 1 and o["nodes"][0]["dropped"]["not_joined"] >= 1
-    for ws in (a, c, stray):  # b and b2 never read: the node's stop ends them
+    for ws in (a, c, stray):
         await ws.close()
 
 
@@ -169,3 +171,43 @@ async def test_the_query_string_does_not_matter(node_factory: NodeFactory) -> No
     assert status == 200 and body["node"]["node_id"] == node.node.node_id
 
 
+
+
+async def test_two_regions_on_a_real_nats_server_and_one_that_left(
+        node_factory: NodeFactory, nats_server: NatsServer) -> None:
+    env = {"NATS_URL": nats_server.url, "NODE_TIMEOUT": "3"}
+    east = await node_factory(MESH_ID="us-east", **env)
+    west = await node_factory(MESH_ID="eu-west", **env)
+    for n in (east, west):
+        await wait_until(lambda n=n: len(n.node.liveness.nodes) == 1, 10, "the other node")
+    a = await joined(east, "lobby", "ana")
+    b = await joined(west, "lobby", "ben")
+    b2 = await joined(west, "lobby", "cy")
+
+    async def both() -> dict[str, Any] | None:
+        o = await overview(east)
+        return o if o["channels"] and o["channels"][0]["nodes"] == 2 else None
+
+    o = await wait_until(both, 10, "both nodes' channels merged")
+    assert o["channels"][0] == {"app": "default", "channel": "lobby", "members": 3,
+                                "connections": 3, "nodes": 2}
+    assert [(r["mesh_id"], r["state"], r["peers"]) for r in o["regions"]] == [
+        ("eu-west", "alive", 2), ("us-east", "alive", 1)]
+    row = {n["node"]: n for n in o["nodes"]}[west.node.node_id]
+    assert row["answered"] and row["heartbeat_age_s"] < 3 and row["uptime_s"] > 0
+
+    for ws in (b, b2):
+        await ws.close()
+    await west.app.stop()  # a goodbye: dead at once, reason "left"
+
+    async def left() -> dict[str, Any] | None:
+        o = await overview(east)
+        rows = {n["node"]: n for n in o["nodes"]}
+        return o if rows[west.node.node_id]["state"] == "dead" else None
+
+    o = await wait_until(left, 5, "the node that left shown dead")
+    row = {n["node"]: n for n in o["nodes"]}[west.node.node_id]
+    assert (row["reason"], row["mesh_id"], row["heartbeat_age_s"]) == ("left", "eu-west", None)
+    assert [(r["mesh_id"], r["state"], r["dead"]) for r in o["regions"]] == [
+        ("eu-west", "dead", 1), ("us-east", "alive", 0)]
+    await a.close()

@@ -53,7 +53,8 @@ function render(o) {
   const me = o.node;
   $('me').replaceChildren(
     el('strong', {}, me.mesh_id), ' · ', el('code', {}, me.node_id), ` · v${me.version}`,
-    ` · up ${duration(me.uptime_s)} · bus ${me.bus.kind} `, badge(me.bus.state === 'connected' || me.bus.kind === 'embedded' ? 'alive' : 'dead'),
+    ` · up ${duration(me.uptime_s)} · bus ${me.bus.kind} `,
+    el('span', { class: `badge ${me.bus.state === 'connected' || me.bus.kind === 'embedded' ? 'alive' : 'dead'}` }, me.bus.state),
     me.draining ? el('span', {}, ' ', badge('draining')) : '',
   );
   $('regions').replaceChildren(...o.regions.map((r) => el('div', { class: `card ${r.state}`, 'data-region': r.mesh_id, 'data-state': r.state },
