@@ -19,6 +19,8 @@ Benchmarks (``--only`` takes a comma-separated list):
   nats-py pub->sub
 - ``tracing``:  fan-out with tracing off, at the defaults (1% of data) and on for every
   message
+- ``metrics``:  fan-out (a wide channel and narrow ones) with ``METRICS`` on vs off, /metrics
+  scraped every second: node CPU per 100k deliveries, on/off (goal: within 5%)
 - ``members``:  the server API's members query of a 3,000-member channel on three nodes;
   p50/p99 vs raw nats-py request/reply of the same size, and the nodes' CPU per query
 - ``webhooks``: 500 joins/s (raw peers joining and leaving) with membership webhooks to a
@@ -51,7 +53,7 @@ from typing import Any
 from bench.procs import ROOT
 
 ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
-       "native", "webtransport", "geo", "workers")
+       "native", "webtransport", "geo", "workers", "metrics")
 
 
 def machine() -> dict[str, Any]:
@@ -87,6 +89,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         joinstorm,
         latency,
         members_query,
+        metrics,
         native,
         slow,
         tracing_overhead,
@@ -129,6 +132,9 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         "webtransport": lambda: wt_fanout.run(logs, **({"receivers": (20,), "windows": (1, 8),
                                                         "rounds": 1, "duration": 1.0,
                                                         "warmup": 0.5} if quick else {})),
+        "metrics": lambda: metrics.run(logs, **({"peers": 200, "narrow": 10, "rounds": 2,
+                                                 "duration": 1.5, "warmup": 0.5}
+                                                if quick else {})),
         "geo": lambda: geo.run(logs, **({"quick": True} if quick else {"minutes": 4.0})),
     }
     todo = list(names)
@@ -250,6 +256,16 @@ def markdown(r: dict[str, Any]) -> str:
             f"{_n(tr['deliveries_per_s_tracing_off'])} (tracing off)",
             f"{tr['ratio_on_vs_off']:.2f}x ({tr['cpu_ratio_all']:.2f}x CPU per delivery)",
             f">= 0.75x ({ok})")
+    me = r.get("metrics")
+    if me is not None and not skipped("metrics overhead", me):
+        for shape in ("wide", "narrow"):
+            s = me[shape]
+            ok = "met" if s["cpu_ratio_on_vs_off"] <= 1.05 else "MISSED"
+            row(f"metrics on: node CPU s per 100k deliveries, {me[f'peers_{shape}']} peers per "
+                f"channel, median of {me['rounds']}", _n(s["cpu_s_per_100k_on"], 3),
+                f"{_n(s['cpu_s_per_100k_off'], 3)} (METRICS=false)",
+                f"{s['cpu_ratio_on_vs_off']:.3f}x CPU (paired {s['cpu_ratio_paired_median']:.3f}x)"
+                f", {s['rate_ratio_on_vs_off']:.2f}x deliveries/s", f"<= 1.05x CPU ({ok})")
     mq = r.get("members")
     if mq is not None and not skipped("members query", mq):
         api, raw = mq["prscd_api"], mq["raw_nats"]

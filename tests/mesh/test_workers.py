@@ -16,7 +16,7 @@ import msgpack
 from websockets.asyncio.client import connect
 
 from tests.helpers import data_frame, join_frame
-from tests.mesh_helpers import NatsServer, free_port, port_open, wait_sync
+from tests.mesh_helpers import NatsServer, free_port, free_port_block, port_open, wait_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,6 +95,50 @@ async def test_workers_share_the_port_and_meet_through_the_mesh(
         assert out.count(b"SIGHUP: no PUBLIC_KEYS_FILE to reload") == 2, out[-3000:]
         assert not port_open(port)
         assert not pid_file.exists() and not (tmp_path / "prscd.pid.1").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_every_worker_has_its_own_metrics_port(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    port, metrics = free_port(), free_port_block(2)
+    proc = prscd(tmp_path, "--workers", "2", PORT=str(port), NATS_URL=nats_server.url,
+                 METRICS_PORT=str(metrics))
+    try:
+        wait_sync(lambda: port_open(metrics) and port_open(metrics + 1), 20, "metrics ports")
+        n = 12
+        peers = [await connect(f"ws://127.0.0.1:{port}/v1?publickey=k&id=p{i}")
+                 for i in range(n)]
+        # Worker n answers on METRICS_PORT+n: two node ids, and the peers add up (both
+        # hold some: all 12 on one worker has p = 2**-11).
+        def workers() -> tuple[set[str], list[float]]:
+            ids, held = set(), []
+            for p in (metrics, metrics + 1):
+                samples = scrape(p)
+                ids |= {dict(labels)["node_id"] for name, labels in samples
+                        if name == "prscd_build_info"}
+                held.append(samples["prscd_peers", frozenset()])
+            return ids, held
+
+        wait_sync(lambda: sum(workers()[1]) == n, 10, "every peer counted by a worker")
+        ids, held = workers()
+        assert len(ids) == 2 and sum(held) == n and min(held) > 0, (ids, held)
+        for ws in peers:
+            await ws.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
