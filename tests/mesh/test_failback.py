@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,14 +16,14 @@ from typing import Any
 
 import msgpack
 import pytest
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 from mesh.home import HomeWatch, Overlap, probe
 from mesh.nats import redact
 from tests.conftest import NodeFactory, RunningNode
-from tests.helpers import data_frame, get, joined
+from tests.helpers import data_frame, get, insecure, join_frame, joined
 from tests.mesh.conftest import NatsFactory
-from tests.mesh_helpers import NatsServer, free_port, wait_until
+from tests.mesh_helpers import NatsServer, free_port, http_json, wait_until
 
 REGIONS = ("home", "away")
 
@@ -57,12 +58,16 @@ def wait_gateway(server: NatsServer, timeout: float = 15.0) -> None:
 
 
 class Counting:
-    """A raw peer sending numbered messages and recording the numbers it receives."""
+    """A raw peer sending numbered messages and recording the numbers it receives (event
+    "n"), and how long stamped messages took to reach it (event "t"; one process, one
+    clock)."""
 
     def __init__(self, ws: ClientConnection, name: str, channel: str) -> None:
         self.ws, self.name, self.channel = ws, name, channel
         self.sent = 0
         self.got: list[int] = []
+        self.by: dict[str, list[int]] = {}  # the numbers by sender
+        self.took: list[float] = []
         self._tasks = [asyncio.create_task(self._read())]
 
     async def _read(self) -> None:
@@ -72,6 +77,9 @@ class Counting:
                 body = msgpack.unpackb(frame["pl"])
                 if body.get("event") == "n":
                     self.got.append(int(body["data"]))
+                    self.by.setdefault(frame.get("p", "?"), []).append(int(body["data"]))
+                elif body.get("event") == "t":
+                    self.took.append(time.perf_counter() - float(body["data"]))
 
     def start(self, every: float = 0.01) -> None:
         self._tasks.append(asyncio.create_task(self._send(every)))
@@ -266,3 +274,136 @@ def test_overlap_delivers_each_message_once() -> None:
     assert ov.duplicates == 2
     # Another subscription's copy of the same message is its own.
     assert ov.accept(object(), new, M("s.x", b"1"))
+
+
+# -- with real distances: python -m infra.cluster up --wan (infra/wan.py) ------------------
+
+async def raw_join(url: str, channel: str, client_id: str) -> ClientConnection:
+    ws = await connect(f"{url.replace('https://', 'wss://')}?publickey=key&id={client_id}",
+                       ssl=insecure())
+    await ws.send(join_frame(channel, client_id))
+    while True:
+        frame = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 5))
+        if frame.get("op") == "channel_join":
+            return ws
+
+
+async def one_way(sender: ClientConnection, receivers: list[Counting], channel: str,
+                  n: int = 20) -> list[tuple[float, float]]:
+    """(median, max) ms from sender to each receiver over n messages 50 ms apart."""
+    before = [len(r.took) for r in receivers]
+    for _ in range(n):
+        await sender.send(data_frame(channel, "t", repr(time.perf_counter())))
+        await asyncio.sleep(0.05)
+    await wait_until(lambda: all(len(r.took) >= b + n for r, b in zip(receivers, before,
+                                                                       strict=True)),
+                     10, "the stamped messages")
+    out = []
+    for r, b in zip(receivers, before, strict=True):
+        took = sorted(r.took[b:b + n])
+        out.append((took[len(took) // 2] * 1000, took[-1] * 1000))
+    return out
+
+
+def link_bytes(cluster: Any, src: str, dst: str) -> int:
+    link = cluster.wan_stats(dst).get("links", {}).get(f"{src}->{dst}", {})
+    return sum(d["bytes"] for d in link.get("directions", {}).values())
+
+
+async def test_wan_a_region_away_from_home_pays_the_detour_then_goes_back(
+        node_factory: NodeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """eu-west loses its NATS server: its nodes move to ap-south's (60 ms away), come back
+    once it is healthy again; what two eu-west nodes and a us-east peer see meanwhile."""
+    from infra.cluster import Cluster
+    from infra.wan import WanConfig
+    from tests.mesh.conftest import cluster_ports
+    from tests.mesh_helpers import free_port_block
+
+    caplog.set_level("INFO", logger="prscd.mesh.nats")
+    ports = cluster_ports()
+    ports.wan = free_port_block(12)
+    cluster = Cluster(tmp_path / "wan", ports, wan=WanConfig(),
+                      node_env={"NATS_FAILBACK_AFTER": "3"})
+    await asyncio.to_thread(cluster.up)
+    peers: list[Counting] = []
+    try:
+        urls = ",".join(cluster.node_nats_urls("eu-west"))
+        nodes = [await node_factory(MESH_ID="eu-west", NATS_URL=urls, NATS_FAILBACK_AFTER="3",
+                                    YOMO_SNDR_NAME=f"fb-source-{i}",
+                                    YOMO_RCVR_NAME=f"fb-sfn-{i}") for i in (1, 2)]
+        ch = "wan-home"
+        peers += [Counting(await joined(nodes[0], ch, "alice"), "alice", ch),
+                  Counting(await joined(nodes[1], ch, "bob"), "bob", ch),
+                  Counting(await raw_join(cluster.node_url("us-east"), ch, "carol"), "carol",
+                           ch)]
+        alice, bob, carol = peers
+        await asyncio.sleep(1.0)  # interest crosses the gateways
+        home = await one_way(alice.ws, [bob, carol], ch)
+        cluster.stop("nats", "eu-west", signal.SIGKILL)
+        t_kill = time.monotonic()
+        for n in nodes:
+            await wait_until(lambda n=n: health(n)["server"].endswith(
+                f":{cluster.client_proxy_port('eu-west', 'ap-south')}") and n.node.bus.up,
+                15, "eu-west's nodes on ap-south's server")
+        moved = time.monotonic() - t_kill
+        await asyncio.sleep(1.0)
+        away = await one_way(alice.ws, [bob, carol], ch)
+        # Numbered traffic both ways across the move back: alice's through both moving nodes
+        # and to us-east, carol's from us-east into a moving node.
+        alice.start()
+        carol.start()
+        flows = [(bob, "alice"), (carol, "alice"), (alice, "carol"), (bob, "carol")]
+        await wait_until(lambda: all(len(r.by.get(s, [])) > 20 for r, s in flows), 10,
+                         "numbers everywhere")
+        marks = {(r.name, s): len(r.by[s]) for r, s in flows}
+        via_before = link_bytes(cluster, "eu-west", "ap-south")
+        t_up = time.monotonic()
+        await asyncio.to_thread(cluster.start_nats, "eu-west")
+        await asyncio.to_thread(cluster.wait_nats)
+        for n in nodes:
+            await wait_until(lambda n=n: health(n)["failbacks"] == 1, 30, "the move back home")
+        back_after = time.monotonic() - t_up
+        await wait_until(lambda: cluster.node_health("eu-west")["bus"].get("home"), 30,
+                         "the cluster's eu-west node back home too")
+        n_alice = len(alice.got)
+        await wait_until(lambda: len(alice.got) > n_alice + 30, 10, "carol's numbers after")
+        await alice.stop_sending()
+        await carol.stop_sending()
+        sent = {"alice": alice.sent, "carol": carol.sent}
+        await wait_until(lambda: all(r.by[s][-1] == sent[s] - 1 for r, s in flows), 10,
+                         "the last numbers")
+        windows = {f"{s}->{r.name}": r.by[s][marks[r.name, s] - 1:] for r, s in flows}
+        back = await one_way(alice.ws, [bob, carol], ch)
+        names = {c.get("name") for c in
+                 await asyncio.to_thread(lambda: http_json(
+                     f"{cluster.monitor('eu-west')}/connz")["connections"])}
+        assert {"fb-source-1", "fb-sfn-1", "fb-source-2", "fb-sfn-2"} <= names
+        # Nothing goes through the eu-west -> ap-south client link any more.
+        via_after = link_bytes(cluster, "eu-west", "ap-south")
+        await asyncio.sleep(2.5)  # the proxy rewrites its counters every second
+        via_quiet = link_bytes(cluster, "eu-west", "ap-south") - via_after
+        stats = health(nodes[0])
+    finally:
+        for p in peers:
+            await p.close()
+        await asyncio.to_thread(cluster.down)
+    print("\nWAN (40/90/60 ms +-10), eu-west's NATS server killed, its nodes on ap-south's:")
+    for what, row in (("home", home), ("away", away), ("back", back)):
+        print(f"  {what}: eu-west->eu-west median {row[0][0]:.1f} ms (max {row[0][1]:.1f}); "
+              f"eu-west->us-east median {row[1][0]:.1f} ms (max {row[1][1]:.1f})")
+    for rec in caplog.records:
+        if rec.getMessage().startswith("nats back home on"):
+            print("  " + rec.getMessage())
+    for name, seq in windows.items():
+        print(f"  across the move back, {name}: {len(seq)} numbers, missing, doubled, out "
+              f"of order {contiguous(seq)}")
+    print(f"  moved away {moved:.2f}s after the kill; back {back_after:.2f}s after the "
+          f"restart (period {stats['failback_after_s']}s); away {stats['away_total_s']}s; "
+          f"client link eu-west->ap-south: {via_after - via_before} bytes while moving back, "
+          f"{via_quiet} bytes in 2.5 s after")
+    assert away[0][0] > 100 > home[0][0] + 50  # the detour: ~2 x 60 ms
+    assert away[1][0] > home[1][0] + 60  # 60 + 90 instead of 40
+    assert back[0][0] < 50 and back[1][0] < home[1][0] + 30
+    assert via_quiet == 0
+    for name, seq in windows.items():
+        assert contiguous(seq) == (0, 0, 0), (name, seq)
