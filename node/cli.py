@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import re
 import signal
@@ -88,8 +87,10 @@ async def run_node(settings: Settings) -> int:
     pid_path = settings.pid_path()
     write_pid_file(pid_path)
     scheme = "https" if cert else "http"
-    log.info("listening url=%s://127.0.0.1:%d/v1 health=%s://127.0.0.1:%d/health pid_file=%s",
-             scheme, app.port, scheme, app.port, pid_path)
+    # Behind a published or forwarded port (docker compose) users reach PUBLIC_URL.
+    base = (settings.public_url.rstrip("/").removesuffix("/v1") if settings.public_url
+            else f"{scheme}://127.0.0.1:{app.port}")
+    log.info("listening url=%s/v1 health=%s/health pid_file=%s", base, base, pid_path)
     try:
         await stop.wait()
         if settings.drain_seconds > 0:
@@ -97,9 +98,16 @@ async def run_node(settings: Settings) -> int:
             # balancer moves traffic away; a second signal cuts the drain short.
             app.node.begin_drain()
             stop.clear()
-            log.info("signal received: draining for %.1f s", settings.drain_seconds)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.drain_seconds)
+            log.info("signal received: draining for up to %.1f s (over once no peer is left)",
+                     settings.drain_seconds)
+            waits = {asyncio.ensure_future(stop.wait()),
+                     asyncio.ensure_future(app.node.no_peers_left())}
+            done, pending = await asyncio.wait(waits, timeout=settings.drain_seconds,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            log.info("drain over: %s", "second signal" if stop.is_set() else
+                     "no peer left" if done else "time up")
         log.info("stopping: closing peers with 1001")
         await asyncio.wait_for(app.stop(), timeout=4.5)
     except TimeoutError:
