@@ -69,8 +69,9 @@ class Peers(Protocol):
         """``queued`` bytes wait in the transport for this peer (reported when non-zero)."""
         ...
 
-    async def closed(self, peer: Peer, why: str) -> None:
-        """The connection is gone; the peer's channels hear its ``peer_offline``.
+    async def closed(self, peer: Peer, why: str, *, vanished: bool = False) -> None:
+        """The connection is gone; the peer's channels hear its ``peer_offline`` (after
+        PRESENCE_GRACE if it ``vanished``: an idle timeout, no close and no FIN).
         Idempotent: a peer the node closed already is not closed twice."""
         ...
 

@@ -84,9 +84,30 @@ class Member:
     channel: str
     client_id: str
     joined: bool
+    #: The member's connection vanished and the grace period ran out (or it came back on
+    #: another node): it has been held already, the webhooks do not hold it again.
+    after_grace: bool = False
 
 
-Action = Deliver | Publish | Interest | Close | Member
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """``peer`` vanished (no close, no FIN: a keepalive or idle timeout): its channels keep
+    it for the grace period. The node calls :meth:`Presence.release` for each channel
+    when the period ends; a :class:`Returned` first means it never left there."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Returned:
+    """Held ``peer``'s client id came back in ``channel`` (here or on another node) within
+    the grace period: nobody is told it went; its release there is cancelled."""
+
+    peer: Peer
+    channel: str
+
+
+Action = Deliver | Publish | Interest | Close | Member | Hold | Returned
 
 
 #: Who sent a ``peer_state``: a local sid, or (node id, sid) for a member on another node.
@@ -103,6 +124,9 @@ class Channel:
     #: waiting for it (they joined or re-announced since). Empty sets in steady state.
     last_state: dict[StateKey, bytes] = field(default_factory=dict)
     waiting: dict[StateKey, set[str]] = field(default_factory=dict)
+    #: sid -> local peers that vanished, kept through the grace period (see Hold): still
+    #: members for everyone, but nothing is delivered to them.
+    held: dict[str, Peer] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -154,6 +178,12 @@ class Presence:
             return []
         if sig.op == protocol.PEER_STATE:
             self._keep_state(peer, sig.c, sig.pl)
+        if sig.op == protocol.PEER_ONLINE:
+            channel = self.realms[peer.app].channels[sig.c]
+            if channel.held:
+                back = self._returned(channel, peer.app, peer.client_id, here=True)
+                if back:
+                    return self._online(peer, sig, channel) + back
         if self.dedupe_state and sig.op is not None:
             channel = self.realms[peer.app].channels[sig.c]
             if sig.op == protocol.PEER_ONLINE:
@@ -166,6 +196,12 @@ class Presence:
             return self._offline(peer, sig.c)
         return self._forward(peer, sig)
 
+    def _online(self, peer: Peer, sig: Signalling, channel: Channel) -> list[Action]:
+        if self.dedupe_state:
+            _forget_sender(channel, peer.sid)
+            _wants_states(channel, peer.sid)
+        return self._forward(peer, sig)
+
     def disconnect(self, peer: Peer) -> list[Action]:
         """The connection is gone: every channel it joined hears ``peer_offline``."""
         actions: list[Action] = []
@@ -174,7 +210,51 @@ class Presence:
         self.peers.pop(peer.sid, None)
         return actions
 
-    def _offline(self, peer: Peer, name: str) -> list[Action]:
+    def hold(self, peer: Peer) -> list[Action]:
+        """The connection vanished: its channels keep the peer (held) until
+        :meth:`release`, or until its client id comes back there (:class:`Returned`)."""
+        self.peers.pop(peer.sid, None)
+        if not peer.channels:
+            return []
+        for name in peer.channels:
+            channel = self.realms[peer.app].channels[name]
+            channel.peers.pop(peer.sid, None)
+            channel.held[peer.sid] = peer
+            for waiting in channel.waiting.values():
+                waiting.discard(peer.sid)
+        return [Hold(peer)]
+
+    def release(self, peer: Peer, name: str) -> list[Action]:
+        """The grace period of held ``peer`` in channel ``name`` ended: it goes offline
+        there now (nothing, if it came back meanwhile)."""
+        realm = self.realms.get(peer.app)
+        channel = realm.channels.get(name) if realm else None
+        if channel is None or channel.held.pop(peer.sid, None) is None:
+            return []
+        return self._offline(peer, name, after_grace=True)
+
+    def _returned(self, channel: Channel, app: str, client_id: str,
+                  here: bool) -> list[Action]:
+        """``client_id`` announced itself in ``channel`` (``here``: from a local peer):
+        its held peers there never left. The mesh still drops their (node, sid): their
+        offline is published after the new connection's online, so other nodes, which
+        see the id present, tell nobody."""
+        back = [p for p in channel.held.values() if p.client_id == client_id]
+        actions: list[Action] = []
+        for held in back:
+            del channel.held[held.sid]
+            held.channels.discard(channel.name)
+            _forget_sender(channel, held.sid)
+            actions.append(Returned(held, channel.name))
+            actions.append(Publish(Signalling(
+                t=protocol.CONTROL, op=protocol.PEER_OFFLINE, c=channel.name, p=client_id,
+                sid=held.sid, app=app, mesh=self.mesh_id)))
+        if back and not here and not _id_local(channel, client_id):
+            # Back on another node: this node's membership ends (per node, see Member).
+            actions.append(Member(app, channel.name, client_id, False, after_grace=True))
+        return actions
+
+    def _offline(self, peer: Peer, name: str, *, after_grace: bool = False) -> list[Action]:
         """``peer`` leaves channel ``name``. Clients remove members *by id*: while another
         connection with the same id stays in the channel (a second tab, or the same client
         already back on another node), local peers are not told; the mesh always is."""
@@ -188,7 +268,7 @@ class Presence:
             actions = self._forward(peer, offline)
             last_here = True
         if last_here:
-            actions.append(Member(peer.app, name, peer.client_id, False))
+            actions.append(Member(peer.app, name, peer.client_id, False, after_grace))
         actions.extend(self._remove(peer, name))
         return actions
 
@@ -202,6 +282,7 @@ class Presence:
             channel = realm.channels[name] = Channel(name)
             actions.append(Interest(peer.app, name, True))
         if peer.sid not in channel.peers and not _id_local(channel, peer.client_id):
+            # (a held connection of this id counts as here: it never left, see Hold)
             actions.append(Member(peer.app, name, peer.client_id, True))
         channel.peers[peer.sid] = peer
         peer.channels.add(name)
@@ -260,7 +341,7 @@ class Presence:
         return self._free_if_empty(realm, channel)
 
     def _free_if_empty(self, realm: Realm, channel: Channel) -> list[Action]:
-        if channel.peers:
+        if channel.peers or channel.held:
             return []
         # No local peer left: we stop listening, so remote members go stale too.
         del realm.channels[channel.name]
@@ -287,6 +368,16 @@ class Presence:
                     return []  # another connection with that id is still here
             else:
                 channel.remote[key] = sig.p
+                if sig.op == protocol.PEER_ONLINE and channel.held:
+                    back = self._returned(channel, sig.app or "", sig.p, here=False)
+                    if back:
+                        if self.dedupe_state:
+                            _forget_sender(channel, key)
+                        delivers: list[Action] = (
+                            [Deliver(tuple(channel.peers.values()), protocol.encode(sig))]
+                            if channel.peers else [])
+                        assert realm is not None  # the channel was found in it
+                        return delivers + back + self._free_if_empty(realm, channel)
                 if self.dedupe_state and sig.op == protocol.PEER_ONLINE:
                     _forget_sender(channel, key)
                 elif self.dedupe_state and sig.op == protocol.PEER_STATE and sig.pl is not None:
@@ -394,16 +485,16 @@ class Presence:
 
 
 def _id_present(channel: Channel, client_id: str, but: str = "") -> bool:
-    """Is a member with this client id (other than local sid ``but``) in the channel?"""
-    for p in channel.peers.values():
-        if p.client_id == client_id and p.sid != but:
-            return True
-    return client_id in channel.remote.values()
+    """Is a member with this client id (other than local sid ``but``) in the channel?
+    A held peer is one (it may come back)."""
+    return _id_local(channel, client_id, but) or client_id in channel.remote.values()
 
 
 def _id_local(channel: Channel, client_id: str, but: str = "") -> bool:
-    """Is a local peer with this client id (other than sid ``but``) in the channel?"""
-    return any(p.client_id == client_id and p.sid != but for p in channel.peers.values())
+    """Is a local peer with this client id (other than sid ``but``) in the channel, held
+    ones included?"""
+    return any(p.client_id == client_id and p.sid != but
+               for peers in (channel.peers, channel.held) for p in peers.values())
 
 
 # -- peer_state dedupe (see Presence) ----------------------------------------------------

@@ -27,11 +27,23 @@ from mesh.tracing import Tracing
 from node import __version__, answers, protocol
 from node.auth import Auth, AuthError, AuthUnavailable
 from node.config import Settings
+from node.grace import Grace
 from node.hops import Hops
 from node.limits import Guard
 from node.metrics import NodeMetrics, close_code
 from node.ports import Admission, Link
-from node.presence import Action, Close, Deliver, Interest, Member, Peer, Presence, Publish
+from node.presence import (
+    Action,
+    Close,
+    Deliver,
+    Hold,
+    Interest,
+    Member,
+    Peer,
+    Presence,
+    Publish,
+    Returned,
+)
 from node.protocol import Fault, ProtocolError, Signalling
 from node.tls import CertInfo
 
@@ -71,6 +83,11 @@ class Node:
             on_down=self._on_node_down, on_resync=self._schedule_resync,
         )
         self._resync: asyncio.TimerHandle | None = None
+        #: (sid, channel) -> a vanished peer held there until PRESENCE_GRACE ends (the
+        #: same mechanism as the webhooks' hold: node/grace.py).
+        self.grace: Grace[tuple[str, str], Peer] = Grace(settings.presence_grace,
+                                                         self._grace_over)
+        self.grace_counts = {"held": 0, "returned": 0, "released": 0}
         self._sids = itertools.count(1)
         #: Offline events of peers closed from a callback (a backlog, a fault).
         self._tasks: set[asyncio.Task[None]] = set()
@@ -182,12 +199,12 @@ class Node:
         if close is not None:
             self._close_soon(close)
 
-    async def closed(self, peer: Peer, why: str) -> None:
+    async def closed(self, peer: Peer, why: str, *, vanished: bool = False) -> None:
         if self.links.pop(peer.sid, None) is not None:  # else closed by the node already
             self.metrics.closed[peer.transport, close_code(why)] += 1
             if not self.links:
                 self._no_peers.set()
-            await self._offline(peer, self._leave(peer, why))
+            await self._offline(peer, self._leave(peer, why, vanished=vanished))
 
     def count_drop(self, reason: str, n: int = 1) -> None:
         self.presence.dropped[reason] += n
@@ -237,6 +254,14 @@ class Node:
             elif isinstance(action, Member):
                 if self.webhooks is not None:  # queued: never awaits
                     self.webhooks.member(action)
+            elif isinstance(action, Hold):
+                self._hold(action.peer)
+            elif isinstance(action, Returned):
+                if self.grace.cancel((action.peer.sid, action.channel)):
+                    self.grace_counts["returned"] += 1
+                    log.info("peer back within the grace period sid=%s id=%s channel=%r: "
+                             "no offline", action.peer.sid, action.peer.client_id,
+                             action.channel)
             elif isinstance(action, Close) and (offline := self._shut(action)) is not None:
                 await self._offline(action.peer, offline)
         return sent
@@ -267,19 +292,37 @@ class Node:
         log.warning("closing sid=%s id=%s transport=%s code=%d reason=%s", peer.sid,
                     peer.client_id, peer.transport, close.fault.code, close.reason)
         link.close(close.fault.code, close.reason)
-        return self._leave(peer, f"close code={close.fault.code} reason={close.reason!r}")
+        return self._leave(peer, f"close code={close.fault.code} reason={close.reason!r}",
+                           vanished=close.fault is Fault.PING_TIMEOUT)
 
     def _close_soon(self, close: Close) -> None:
         """From a transport callback: closed now, its offline events next."""
         if (offline := self._shut(close)) is not None:
             self._spawn(self._offline(close.peer, offline))
 
-    def _leave(self, peer: Peer, why: str) -> list[Action]:
-        """The peer is out of every channel from now on; returns its offline events."""
+    def _leave(self, peer: Peer, why: str, *, vanished: bool = False) -> list[Action]:
+        """The peer is out of every channel from now on; returns its offline events. A
+        peer that ``vanished`` (no close, no FIN: a keepalive or idle timeout) is held in
+        its channels for PRESENCE_GRACE instead: back in time, nobody saw it go."""
         self.guard.closed(peer)
         log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id,
                  len(peer.channels), why)
+        if vanished and self.grace.seconds > 0 and not self.draining:
+            return self.presence.hold(peer)
         return self.presence.disconnect(peer)
+
+    def _hold(self, peer: Peer) -> None:
+        self.grace_counts["held"] += 1
+        log.info("peer vanished sid=%s id=%s: held in %d channel(s) for %gs (PRESENCE_GRACE)",
+                 peer.sid, peer.client_id, len(peer.channels), self.grace.seconds)
+        for name in peer.channels:
+            self.grace.hold((peer.sid, name), peer)
+
+    def _grace_over(self, key: tuple[str, str], peer: Peer) -> None:
+        actions = self.presence.release(peer, key[1])
+        if actions:
+            self.grace_counts["released"] += 1
+            self._spawn(self._offline(peer, actions))
 
     async def _offline(self, peer: Peer, actions: list[Action]) -> None:
         with self.hops.disconnect(peer):
@@ -403,6 +446,7 @@ class Node:
         self.draining = True
         for peer in list(self.presence.peers.values()):
             await self.closed(peer, "node stopping")
+        self.grace.flush()  # nobody comes back to a stopping node: offline now
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.liveness.stop()

@@ -357,6 +357,8 @@ class Webhooks:
                 self._put(Event("member_joined", *key, time.time()))
         elif self.sender.full():
             self.sender.drop("webhook_queue_full", 1)
+        elif action.after_grace:  # held by presence's grace period already (node/grace.py)
+            self._put(Event("member_left", *key, time.time()))
         else:
             self.grace.hold(key, Event("member_left", *key, time.time()))
 

@@ -244,11 +244,13 @@ class H3Protocol(QuicConnectionProtocol):
 
     def _terminated(self, event: ConnectionTerminated) -> None:
         self.terminated = True
-        if event.reason_phrase == "Idle timeout":
+        vanished = event.reason_phrase == "Idle timeout"
+        if vanished:
             why = f"idle timeout ({self.server.idle_timeout:g} s without a packet)"
         else:
             why = f"connection closed code={event.error_code} reason={event.reason_phrase!r}"
         for session in list(self.sessions.values()):
+            session.vanished = vanished
             session.end(why, reply="none")
         self.shutdown()
 

@@ -247,6 +247,8 @@ class WebTransportSession:
         self.reliable = False
         self.closed = False
         self.why = ""
+        #: Ended by the QUIC idle timeout: the peer vanished (offline after PRESENCE_GRACE).
+        self.vanished = False
         self.task: asyncio.Task[None] | None = None
         self._out_stream: int | None = None
         self._splitters: dict[int, FrameSplitter] = {}
@@ -456,5 +458,5 @@ class WebTransportSession:
                     peers.fault(peer, Fault.INTERNAL, "internal error")
                     break
         finally:
-            await peers.closed(peer, self.why or "session task ended")
+            await peers.closed(peer, self.why or "session task ended", vanished=self.vanished)
             self.peer = None  # break the session <-> peer cycle: freed at once, not by the GC
