@@ -3,10 +3,15 @@
 #   docker run -p 8443:8443/tcp -p 8443:8443/udp prscd
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, as their own layer: a change to the code does not download them
+# again (the list is read from pyproject.toml, so it cannot drift from it).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['fast']))" > requirements.txt \
+ && pip install --no-cache-dir --prefix=/install -r requirements.txt
+COPY README.md ./
 COPY node ./node
 COPY mesh ./mesh
-RUN pip install --no-cache-dir --prefix=/install '.[fast]'
+RUN pip install --no-cache-dir --no-deps --prefix=/install '.[fast]'
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

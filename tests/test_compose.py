@@ -18,16 +18,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 
 from infra.cluster import REGIONS, nats_server_bin
+from infra.composelive import load_yaml, parse_dockerfile, parse_port
 from mesh.tracing import resolve_endpoint
 from node.config import Settings
 from tests.conftest import NodeFactory
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+# compose refuses a file with a key twice; PyYAML's safe_load would keep the last one.
+COMPOSE = load_yaml((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
@@ -54,7 +57,8 @@ def test_three_regions_each_with_nats_and_a_node() -> None:
 @pytest.mark.parametrize("region", REGIONS)
 def test_nats_config_is_the_one_infra_uses_and_valid_with_this_environment(region: str) -> None:
     service = SERVICES[f"nats-{region}"]
-    mount = next(v for v in service["volumes"] if v.endswith("/etc/nats/region.conf:ro"))
+    # Read-only, and relabelled for SELinux hosts (z), or the container cannot read it.
+    mount = next(v for v in service["volumes"] if v.endswith("/etc/nats/region.conf:ro,z"))
     source = ROOT / mount.split(":")[0]
     assert source.resolve() == (ROOT / "infra" / "nats" / "region.conf").resolve()
     assert service["command"] == ["-c", "/etc/nats/region.conf"]
@@ -99,19 +103,92 @@ def test_node_settings_parse_and_prefer_their_own_region(region: str) -> None:
 
 
 def test_published_ports_are_unique_and_tcp_udp_pairs() -> None:
-    seen: set[str] = set()
+    seen: set[int] = set()
     for region in REGIONS:
-        ports = SERVICES[f"prscd-{region}"]["ports"]
-        inside = env_of(f"prscd-{region}")["PORT"]
-        host = {p.split(":")[0] for p in ports}
-        assert len(host) == 1 and sorted(p.rsplit("/", 1)[1] for p in ports) == ["tcp", "udp"]
-        assert all(p.split(":")[1].split("/")[0] == inside for p in ports)
+        ports = [parse_port(p) for p in SERVICES[f"prscd-{region}"]["ports"]]
+        inside = int(env_of(f"prscd-{region}")["PORT"])
+        host = {p.host_port for p in ports}
+        assert len(host) == 1 and sorted(p.protocol for p in ports) == ["tcp", "udp"]
+        assert all(p.container_port == inside for p in ports)
         assert not host & seen
         seen |= host
         public = urlsplit(env_of(f"prscd-{region}")["PUBLIC_URL"])
-        assert str(public.port) in host
-    jaeger_ports = {p.split(":")[0] for p in SERVICES["jaeger"]["ports"]}
-    assert {"16686", "4318"} <= {p.strip('"').split()[0] for p in jaeger_ports}
+        assert public.port in host
+    jaeger_ports = {parse_port(p).host_port for p in SERVICES["jaeger"]["ports"]}
+    assert {16686, 4318} <= jaeger_ports
+
+
+def test_every_port_is_published_on_loopback_only() -> None:
+    """Open development mode (any key), Jaeger's intake: Docker's rules bypass host
+    firewalls, so nothing is reachable from elsewhere unless someone opens it on purpose."""
+    for name, service in SERVICES.items():
+        for spec in service.get("ports", []):
+            assert parse_port(spec).host_ip == "127.0.0.1", (name, spec)
+
+
+def test_nats_client_ports_on_loopback_for_prscd_publish() -> None:
+    """docs/mesh.md's `NATS_URL=nats://127.0.0.1:4222 prscd publish` works against compose."""
+    for i, region in enumerate(REGIONS):
+        [port] = [parse_port(p) for p in SERVICES[f"nats-{region}"]["ports"]]
+        client = int(env_of(f"nats-{region}")["NATS_CLIENT_LISTEN"].rsplit(":", 1)[1])
+        assert (port.host_port, port.container_port, port.protocol) == (4222 + i, client, "tcp")
+    assert "nats://127.0.0.1:4222 prscd publish" in (ROOT / "docs" / "mesh.md").read_text()
+
+
+def test_dotenv_reaches_the_nodes_when_present() -> None:
+    for region in REGIONS:
+        assert SERVICES[f"prscd-{region}"]["env_file"] == [{"path": ".env", "required": False}]
+
+
+def test_nats_image_is_the_version_the_tests_validate_with() -> None:
+    """region.conf is checked by nats-server-bin: a key only a newer server knows would
+    pass here and break the cluster, unless both are one version."""
+    run = subprocess.run([nats_server_bin(), "--version"], capture_output=True, text=True,
+                         timeout=10)
+    version = re.search(r"v(\d+\.\d+\.\d+)", run.stdout + run.stderr)
+    assert version, run.stdout
+    for region in REGIONS:
+        assert SERVICES[f"nats-{region}"]["image"] == f"nats:{version.group(1)}-alpine"
+    pins = (ROOT / "pyproject.toml").read_text()
+    assert f'"nats-server-bin=={version.group(1)}"' in pins
+
+
+def test_compose_file_is_valid_against_the_compose_spec_schema() -> None:
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(COMPOSE), key=str)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_the_loader_refuses_duplicate_keys_as_compose_does() -> None:
+    with pytest.raises(yaml.constructor.ConstructorError, match="duplicate key 'ports'"):
+        load_yaml("services:\n  a:\n    ports: []\n    ports: []\n")
+    # Merge keys are not duplicates; a key after a merge overrides it, as in the file.
+    doc = load_yaml("x: &x {a: 1, b: 2}\ny:\n  <<: *x\n  b: 3\n")
+    assert doc["y"] == {"a": 1, "b": 3}
+
+
+def test_drain_and_grace_period_agree_with_the_edge_docs() -> None:
+    """infra/edge/README.md: DRAIN_SECONDS above the balancer's 30 s (40), the stop timeout
+    above DRAIN_SECONDS + 5; the compose file uses exactly those numbers."""
+    edge = (ROOT / "infra" / "edge" / "README.md").read_text()
+    for region in REGIONS:
+        drain = float(env_of(f"prscd-{region}")["DRAIN_SECONDS"])
+        grace = SERVICES[f"prscd-{region}"]["stop_grace_period"]
+        assert drain == 40 and grace == "50s" and float(grace[:-1]) > drain + 5
+    assert "`DRAIN_SECONDS` above that (40)" in edge and "stop_grace_period: 50s" in edge
+    assert "DRAIN_SECONDS=20" not in edge
+
+
+def test_dependencies_are_their_own_layer_before_the_code() -> None:
+    """A code change must not download every dependency again."""
+    [build, _] = parse_dockerfile(DOCKERFILE)
+    steps = [(s[0], s[1] if s[0] == "run" else s[1:3]) for s in build.steps]
+    first_code = next(i for i, (kind, what) in enumerate(steps)
+                      if kind == "copy" and "node" in what[0])
+    deps = next(i for i, (kind, what) in enumerate(steps)
+                if kind == "run" and "-r requirements.txt" in what)
+    assert deps < first_code
+    assert all(what[0] == ["pyproject.toml"] for kind, what in steps[:deps] if kind == "copy")
 
 
 def test_every_dependency_exists() -> None:
