@@ -94,7 +94,9 @@ def decode_part(raw: str, what: str) -> str:
                        f"{what} is not UTF-8 once percent-decoded") from None
 
 
-def _check_name(name: str, what: str, limit: int, *, controls_ok: bool) -> str:
+def _check_name(name: str, what: str, limit: int) -> str:
+    """The one rule for names (``protocol.name_problem``: no control, format or invisible
+    characters, UTF-8 only), as peers' ids and channels are checked."""
     try:
         size = len(name.encode())
     except UnicodeEncodeError:
@@ -103,19 +105,18 @@ def _check_name(name: str, what: str, limit: int, *, controls_ok: bool) -> str:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} must not be empty")
     if size > limit:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} longer than {limit} bytes")
-    if not controls_ok and any(ord(ch) < 0x20 or ch == "\x7f" for ch in name):
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} contains control characters")
+    if bad := protocol.name_problem(name):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{what} {bad}")
     return name
 
 
 def check_app(name: str) -> str:
-    return _check_name(name, "app", MAX_APP_BYTES, controls_ok=False)
+    return _check_name(name, "app", MAX_APP_BYTES)
 
 
 def check_channel(name: str) -> str:
-    """As ``protocol.decode`` checks ``c``: non-empty, at most MAX_CHANNEL_BYTES (control
-    characters are allowed there)."""
-    return _check_name(name, "channel", protocol.MAX_CHANNEL_BYTES, controls_ok=True)
+    """As ``protocol.decode`` checks ``c``: non-empty, at most MAX_CHANNEL_BYTES."""
+    return _check_name(name, "channel", protocol.MAX_CHANNEL_BYTES)
 
 
 def check_id(name: str) -> str:

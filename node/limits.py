@@ -8,11 +8,17 @@
 * **Answers the server asked for** are not charged: the real client answers every
   ``peer_online`` it receives with a ``peer_state`` from each of its Channel objects, and
   every join ack with ``peer_online`` + ``peer_state`` per channel, so a join storm in a
-  channel of N members makes each member send about N messages at once. A delivered
-  ``peer_online`` credits the peer one ``peer_state`` per channel it is in; a join ack
-  credits one ``peer_online`` and one ``peer_state`` per channel. Credit is spent before
-  tokens, only by those ops, and capped. A ``peer_online`` is never credited by another
-  ``peer_online`` (only by an ack), so two peers cannot bounce them for free.
+  channel of N members makes each member send about N messages at once. Credit is kept
+  per channel: a delivered ``peer_online`` credits the peer one ``peer_state`` in each
+  channel it is in, a join ack one ``peer_online`` and one ``peer_state`` in each; a
+  credit is spent only by that op in that channel (so it cannot be spent twice over
+  across channels), before tokens, and is capped. A ``peer_online`` is never credited by
+  another ``peer_online`` (only by an ack), so two peers cannot bounce them for free.
+* **A join pays for what it asks**: its ack makes every channel of the connection
+  announce itself, so a join costs one token per channel the peer is in after it (a
+  re-join of a channel it is in already too: re-joining was a way to buy 2 x 64 credited
+  messages for one token). It needs one token; the rest may leave the bucket in debt, at
+  most ``RATE_BURST``, so joins that fit the rate are never refused half way.
 * **Allowed channels**: a peer admitted with a list of channels (a token's ``channels``
   claim, or the auth webhook's answer) may join only those; any other join closes the
   connection with 4003 ``channel not allowed by the token: <name>``
@@ -86,19 +92,38 @@ def channel_allowed(allowed: tuple[str, ...] | None, name: str) -> bool:
 
 
 class Bucket:
-    """One peer's token bucket, its flood counter and its credit for asked-for answers."""
+    """One peer's token bucket, its flood counter and its credit for asked-for answers.
 
-    __slots__ = ("at", "excess", "online_credit", "state_credit", "tokens")
+    Credit costs O(1) per ask whatever the number of channels: ``asked_online`` and
+    ``asked_state`` count the rounds of answers asked of every channel of the peer; per
+    channel, ``spent`` holds how many of each it has used ([online, state], set to the
+    current rounds when the channel is joined, so a new channel inherits no old credit).
+    """
+
+    __slots__ = ("asked_online", "asked_state", "at", "excess", "spent", "tokens")
 
     def __init__(self, burst: float, now: float) -> None:
         self.tokens = float(burst)
         self.at = now
         self.excess = 0.0
-        self.online_credit = 0
-        self.state_credit = 0
+        self.asked_online = 0
+        self.asked_state = 0
+        self.spent: dict[str, list[int]] = {}
 
-    def take(self, rate: float, burst: float, now: float) -> int:
-        """OK, DROP (over the rate) or FLOOD (over twice the rate for a while)."""
+    def credited(self, which: int, channel: str, cap: int) -> bool:
+        """Spend one credit of kind ``which`` (0 online, 1 state) in ``channel``, if owed."""
+        spent = self.spent.get(channel)
+        if spent is None:
+            return False
+        asked = self.asked_state if which else self.asked_online
+        if spent[which] >= asked:
+            return False
+        spent[which] = max(spent[which], asked - cap) + 1
+        return True
+
+    def take(self, rate: float, burst: float, now: float, cost: float = 1.0) -> int:
+        """OK, DROP (over the rate) or FLOOD (over twice the rate for a while). A cost over
+        one needs one token and may leave the bucket in debt, down to ``-burst``."""
         elapsed = now - self.at
         if elapsed > 0:
             self.at = now
@@ -107,7 +132,7 @@ class Bucket:
             if self.excess:
                 self.excess = max(0.0, self.excess - refill)
         if self.tokens >= 1.0:
-            self.tokens -= 1.0
+            self.tokens = max(self.tokens - cost, -burst)
             return OK
         self.excess += 1.0
         return FLOOD if self.excess > burst else DROP
@@ -124,7 +149,8 @@ class Guard:
         self.max_members = settings.max_peers_per_channel
         self.max_connections = settings.max_connections
         self.write_buffer_limit = settings.write_buffer_limit
-        #: At most this much credit is held for answers (a join storm in a full channel).
+        #: At most this much credit is held per channel for answers (a join storm in a full
+        #: channel).
         self.credit_cap = 4 * max(self.max_members, 64)
         self.buckets: dict[str, Bucket] = {}
 
@@ -147,25 +173,31 @@ class Guard:
 
     def check(self, peer: Peer, sig: Signalling, now: float) -> Close | int:
         """OK, DROP (count and ignore), or a :class:`Close` of the connection."""
-        if self.rate and (bucket := self.buckets.get(peer.sid)) is not None:
-            op = sig.op
-            if op == protocol.PEER_STATE and bucket.state_credit:
-                bucket.state_credit -= 1
-            elif op == protocol.PEER_ONLINE and bucket.online_credit:
-                bucket.online_credit -= 1
-            else:
-                verdict = bucket.take(self.rate, self.burst, now)
+        op = sig.op
+        bucket = self.buckets.get(peer.sid) if self.rate else None
+        if bucket is not None:
+            answer = (1 if op == protocol.PEER_STATE else 0 if op == protocol.PEER_ONLINE
+                      else -1)
+            if answer < 0 or not bucket.credited(answer, sig.c, self.credit_cap):
+                # A join asks every channel of the connection to announce: one token each.
+                cost = (len(peer.channels) + (sig.c not in peer.channels)
+                        if op == protocol.CHANNEL_JOIN else 1)
+                verdict = bucket.take(self.rate, self.burst, now, cost)
                 if verdict == FLOOD:
                     return Close(peer, Fault.RATE_FLOOD, f"message rate over {self.rate:g}/s")
                 if verdict == DROP:
                     return DROP
-        if sig.op == protocol.CHANNEL_JOIN:
+            if op == protocol.PEER_OFFLINE:
+                bucket.spent.pop(sig.c, None)
+        if op == protocol.CHANNEL_JOIN:
             if sig.c not in peer.channels:
                 refused = self._check_join(peer, sig.c)
                 if refused:
                     return refused
+                if bucket is not None:  # no credit asked before it was joined
+                    bucket.spent[sig.c] = [bucket.asked_online, bucket.asked_state]
             # The ack makes every Channel object of the connection announce itself.
-            self.asked_announce(peer, 0 if sig.c in peer.channels else 1)
+            self.asked_announce(peer)
         elif sig.op == protocol.PEER_ONLINE and sig.c in peer.channels:
             self.online(peer.app, sig.c, peer)
         return OK
@@ -203,20 +235,19 @@ class Guard:
 
     def asked_state(self, peers: tuple[Peer, ...] | list[Peer]) -> None:
         """These peers were sent a ``peer_online``: each Channel object answers with a
-        ``peer_state``."""
+        ``peer_state`` in its channel."""
         if not self.rate:
             return
-        buckets, cap = self.buckets, self.credit_cap
+        buckets = self.buckets
         for peer in peers:
             bucket = buckets.get(peer.sid)
-            if bucket is not None and bucket.state_credit < cap:
-                bucket.state_credit = min(cap, bucket.state_credit + max(len(peer.channels), 1))
+            if bucket is not None:
+                bucket.asked_state += 1
 
-    def asked_announce(self, peer: Peer, new_channels: int = 0) -> None:
+    def asked_announce(self, peer: Peer) -> None:
         """``peer`` is sent a join ack: each Channel object sends ``peer_online`` and
-        ``peer_state``."""
+        ``peer_state`` in its channel."""
         bucket = self.buckets.get(peer.sid)
         if bucket is not None:
-            n = max(len(peer.channels) + new_channels, 1)
-            bucket.online_credit = min(self.credit_cap, bucket.online_credit + n)
-            bucket.state_credit = min(self.credit_cap, bucket.state_credit + n)
+            bucket.asked_online += 1
+            bucket.asked_state += 1

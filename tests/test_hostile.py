@@ -1,0 +1,201 @@
+"""Issue 15 on a real node: hostile frames and peers, over WebSocket and WebTransport. Each
+attack gets its documented answer (a close code and reason, or a drop), is counted, and
+another peer keeps being served. HTTP, handshakes and the node's own limits are in
+tests/test_hostile_http.py; the pure rules in tests/test_hostile_unit.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgpack
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import NodeFactory
+from tests.helpers import barrier, control, data_frame, join_frame, joined, pack, recv, still_served
+from tests.mesh_helpers import wait_until
+from tests.test_limits import close_of
+from tests.wt_client import wt_connect
+
+
+def state_frame(channel: str, pl: bytes) -> bytes:
+    return pack({"t": "control", "op": "peer_state", "c": channel, "pl": pl})
+
+
+# -- (2) re-joins cannot multiply the rate ------------------------------------------------
+
+
+async def test_rejoining_to_buy_credit_is_charged_per_channel(node_factory: NodeFactory) -> None:
+    """The issue's attack: re-join one of N channels, then answer the ack on every channel.
+    A listener in all of them got 124x the rate; now each re-join pays for the N
+    announcements it asks for, the listener gets a few times the rate, the sender is
+    counted and closed 1008."""
+    node = await node_factory(RATE_LIMIT="50", RATE_BURST="100", MAX_CHANNELS_PER_PEER="16")
+    channels = [f"c{i}" for i in range(16)]
+    attacker = await joined(node, channels[0], "attacker")
+    listener = await joined(node, channels[0], "listener")
+    for c in channels[1:]:
+        for ws, who in ((attacker, "attacker"), (listener, "listener")):
+            await ws.send(join_frame(c, who))
+    counts = {"listener": 0}
+
+    async def listen() -> None:
+        while True:
+            await recv(listener, 30)
+            counts["listener"] += 1
+
+    await asyncio.sleep(2.5)  # the joins' debt (16 * 17 / 2 tokens each) is paid back
+    reader = asyncio.create_task(listen())
+    await asyncio.sleep(0.2)
+    counts["listener"] = 0
+    started = time.monotonic()
+    rounds = 0
+    try:
+        while time.monotonic() - started < 3.0:
+            await attacker.send(join_frame(channels[0], "attacker"))
+            for c in channels:
+                await attacker.send(control("peer_online", c))
+                await attacker.send(state_frame(c, pack({"id": "attacker", "n": rounds})))
+            rounds += 1
+            await asyncio.sleep(0.001)
+    except ConnectionClosed:
+        pass
+    elapsed = time.monotonic() - started
+    code, reason = await close_of(attacker)
+    reader.cancel()
+    assert (code, reason) == (1008, "message rate over 50/s")
+    dropped = node.node.presence.dropped
+    assert dropped["rate_limited"] > 0 and dropped["rate_flood"] == 1
+    # Within the rate, the burst, and what a re-join pays for: nowhere near 124x.
+    assert counts["listener"] <= 3 * 50 * elapsed + 3 * 100 + 4 * 16, (counts, elapsed, rounds)
+    await still_served(node)
+
+
+# -- (3) decode after the rate check, bounded -----------------------------------------------
+
+
+async def test_a_payload_of_many_objects_closes_1007_before_it_is_built(
+        node_factory: NodeFactory) -> None:
+    node = await node_factory()
+    sender = await joined(node, "room", "sender")
+    other = await joined(node, "room", "other")
+    await sender.send(state_frame("room", pack([None] * 60_000)))
+    assert await close_of(sender) == (1007, "pl: a msgpack array longer than 1024")
+    nested = pack({"a": [[None] * 1000 for _ in range(60)]})
+    s2 = await joined(node, "room", "s2")
+    await s2.send(state_frame("room", nested))
+    code, reason = await close_of(s2)
+    assert code == 1007 and "more than 1024 msgpack objects" in reason
+    assert node.node.presence.dropped["invalid"] == 2
+    assert other.protocol.close_rcvd is None  # the bystander is still there
+    await still_served(node)
+
+
+async def test_frames_for_channels_not_joined_are_dropped_before_their_payload_is_read(
+        node_factory: NodeFactory) -> None:
+    """A frame for a channel the peer is not in is counted and dropped on its head: its
+    payload (here not even msgpack) is never decoded, so it costs no 1007 either."""
+    node = await node_factory()
+    sender = await joined(node, "room", "sender")
+    other = await joined(node, "room", "other")
+    for _ in range(20):
+        await sender.send(state_frame("elsewhere", b"\xc1" * 60_000))
+        await sender.send(pack({"t": "data", "c": "elsewhere", "pl": b"\xc1" * 1000}))
+    await barrier(sender, other, "room")  # still open, and in order
+    assert node.node.presence.dropped["not_joined"] == 40
+    assert node.node.presence.dropped["invalid"] == 0
+
+
+async def test_frames_over_the_rate_are_dropped_before_their_payload_is_read(
+        node_factory: NodeFactory) -> None:
+    node = await node_factory(RATE_LIMIT="5", RATE_BURST="5")
+    sender = await joined(node, "room", "sender")
+    other = await joined(node, "room", "other")
+    for _ in range(4):  # the burst, less the join's token: these are read (valid)
+        await sender.send(data_frame("room", "e", "1"))
+    for _ in range(6):  # over the rate: dropped on the head, the bad payload never read
+        await sender.send(pack({"t": "data", "c": "room", "pl": b"\xc1"}))
+    await wait_until(lambda: node.node.presence.dropped["rate_limited"] >= 5, 5, "drops")
+    assert node.node.presence.dropped["invalid"] == 0
+    for _ in range(4):
+        assert (await recv(other))["t"] == "data"
+
+
+async def test_the_same_bounds_over_webtransport_streams(node_factory: NodeFactory) -> None:
+    node = await node_factory()
+    reader = await joined(node, "room", "reader")
+    async with wt_connect(node.port, "/v1?publickey=k&id=wt") as wt:
+        wt.send_stream(join_frame("room", "wt"))
+        await wt.next_message(match=lambda m: m.get("op") == "channel_join")
+        wt.send_stream(state_frame("elsewhere", b"\xc1" * 30_000))  # not joined: dropped
+        wt.send_stream(state_frame("room", pack([None] * 60_000)))
+        await wt.until(lambda: wt.close_capsule is not None, 5, "the close capsule")
+        assert wt.close_capsule == (1007, "pl: a msgpack array longer than 1024")
+    assert node.node.presence.dropped["not_joined"] == 1
+    await still_served(node)
+    await reader.close()
+
+
+# -- (11) names: ids and channels ------------------------------------------------------------
+
+
+async def test_a_channel_name_with_control_or_bidi_characters_closes_1007(
+        node_factory: NodeFactory) -> None:
+    node = await node_factory()
+    for name, why in [("a\x00b", "control characters (U+0000)"),
+                      ("room\n", "control characters (U+000A)"),
+                      ("\u202eevil", "format characters (U+202E)"),
+                      ("zero\u200bwidth", "format characters (U+200B)")]:
+        ws = await joined(node, "fine", "x")
+        await ws.send(join_frame(name, "x"))
+        code, reason = await close_of(ws)
+        assert code == 1007 and reason == f"channel name contains {why}", reason
+    ok = await joined(node, "名前 with space · ✓", "y")  # every visible script is fine
+    await ok.close()
+    await still_served(node)
+
+
+def _msgpack_str(raw: bytes) -> bytes:
+    return bytes((0xA0 | len(raw),)) + raw
+
+
+async def test_a_channel_name_that_is_not_utf8_closes_1007(node_factory: NodeFactory) -> None:
+    node = await node_factory()
+    ws = await joined(node, "fine", "x")
+    frame = (b"\x83" + _msgpack_str(b"t") + _msgpack_str(b"control") + _msgpack_str(b"op")
+             + _msgpack_str(b"channel_join") + _msgpack_str(b"c") + _msgpack_str(b"r\xff"))
+    await ws.send(frame)
+    assert await close_of(ws) == (1007, "c (channel) is not valid UTF-8")
+
+
+async def test_received_frames_are_what_was_decoded(node_factory: NodeFactory) -> None:
+    """(The head and payload checks keep forwarding exactly what the client sent.)"""
+    node = await node_factory()
+    a = await joined(node, "room", "a")
+    b = await joined(node, "room", "b")
+    await a.send(data_frame("room", "e", '{"x": 1}'))
+    got: dict[str, Any] = await recv(b)
+    assert msgpack.unpackb(got["pl"]) == {"event": "e", "data": '{"x": 1}'}
+
+
+async def test_an_id_that_hides_or_reorders_is_refused_400_on_both_transports(
+        node_factory: NodeFactory) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    from tests.helpers import insecure
+
+    node = await node_factory()
+    for raw, why in [("%E2%80%AEnimda", "id contains format characters (U+202E)"),
+                     ("al%FFice", "id is not valid UTF-8")]:
+        url = f"{node.ws_base}/v1?publickey=k&id={raw}"
+        try:
+            await connect(url, ssl=insecure())
+            raise AssertionError("admitted")
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 400
+            assert exc.response.body == f"bad id: {why}\n".encode()
+        async with wt_connect(node.port, f"/v1?publickey=k&id={raw}") as wt:
+            assert wt.status == 400
+    await still_served(node)
