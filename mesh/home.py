@@ -41,9 +41,12 @@ log = logging.getLogger("prscd.mesh.nats")
 #: the distances in docs/mesh.md), so nothing published meanwhile misses both.
 OVERLAP = 1.0
 #: Seconds for the home connections to open, and for a marker sent through the old server
-#: to reach home, before a move is given up (the node stays where it is and tries later).
+#: to reach home (is the route between them up?), before a move is given up (the node stays
+#: where it is and tries later, waiting twice as long each time, up to 16x).
 CONNECT_TIMEOUT = 5.0
 MARKER_TIMEOUT = 5.0
+#: The route is up; publishes are held until a second marker gets through: at most this.
+HOLD_TIMEOUT = 2.0
 DRAIN_TIMEOUT = 5.0
 
 
@@ -176,6 +179,7 @@ class FailBack:
         self.moved_away = 0
         self.failbacks = 0
         self.aborts = 0
+        self.aborts_in_row = 0
         self.copies_dropped = 0
         self.moving = False
         self.task: asyncio.Task[None] | None = None
@@ -201,6 +205,7 @@ class FailBack:
             self.away_total += away
             self.away_since = None
             self.watch.reset()
+            self.watch.after, self.aborts_in_row = self.after, 0
             log.info("nats back home on %s after %.1fs away (its own reconnect)", self.label, away)
         elif not home and self.away_since is None:
             self.away_since = now
@@ -253,11 +258,12 @@ class FailBack:
             ready = self.watch.note(not why, now)
             if not why and was is None:
                 log.info("nats home server %s answers again (away %.1fs): moving back once it "
-                         "stays healthy for %.1fs", self.label, now - self.away_since, self.after)
+                         "stays healthy for %.1fs", self.label, now - self.away_since,
+                         self.watch.after)
             elif why and was is not None:
                 log.warning("nats home server %s failed a probe after %.1fs healthy (%s): not "
                             "moving back; the %.1fs start over", self.label, now - was, why,
-                            self.after)
+                            self.watch.after)
             elif why:
                 log.debug("nats home server %s probe: %s", self.label, why)
             if ready:
@@ -300,10 +306,13 @@ class FailBack:
         try:
             try:
                 overlap = await self._prepare(new, old_sf, new_sf)
+                sender, listener = old_src or old_sf, new_sf or new_src
+                assert sender is not None and listener is not None
+                await self._marker(sender, listener, MARKER_TIMEOUT)  # nothing held yet
                 if old_src is not None and new_src is not None:
                     held_for = time.monotonic()
                     bus._held = deque()
-                    await self._marker(old_src, new_sf or new_src)
+                    await self._marker(old_src, listener, HOLD_TIMEOUT)
             except (_Abort, Exception) as exc:
                 await self._abandon(new, exc)
                 return
@@ -319,6 +328,8 @@ class FailBack:
             self.moving = False
             self._incoming = []
         self.failbacks += 1
+        self.aborts_in_row = 0
+        self.watch.after = self.after
         now = time.monotonic()
         if self.away_since is not None:
             self.away_total += now - self.away_since
@@ -349,7 +360,7 @@ class FailBack:
         await new_sf.nc.flush(timeout=2)
         return overlap
 
-    async def _marker(self, old: _Connection, listener: _Connection) -> None:
+    async def _marker(self, old: _Connection, listener: _Connection, timeout: float) -> None:
         """Wait until a message sent on ``old`` after everything else reached home."""
         subject = f"_PRSCD_HOME.{secrets.token_hex(8)}"
         arrived = asyncio.Event()
@@ -360,11 +371,11 @@ class FailBack:
         sub = await listener.nc.subscribe(subject, cb=got)
         await listener.nc.flush(timeout=2)
         try:
-            deadline = time.monotonic() + MARKER_TIMEOUT
+            deadline = time.monotonic() + timeout
             while not arrived.is_set():
                 if time.monotonic() > deadline:
                     raise _Abort(f"nothing sent through {old.server()} reached home in "
-                                 f"{MARKER_TIMEOUT:.0f}s (the route between them not up yet?)")
+                                 f"{timeout:.0f}s (the route between them not up yet?)")
                 await old.nc.publish(subject, b"")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(arrived.wait(), 0.25)
@@ -412,10 +423,12 @@ class FailBack:
             c.retired = True
             await c.close()
         self.aborts += 1
+        self.aborts_in_row += 1
+        self.watch.after = self.after * min(2 ** self.aborts_in_row, 16)
         why = str(exc) if isinstance(exc, _Abort) else f"{type(exc).__name__}: {exc}"[:200]
         log.warning("nats move back to home server %s given up: %s; staying on %s, trying "
                     "again once home has been healthy for %.1fs", self.label, why,
-                    self.server(), self.after)
+                    self.server(), self.watch.after)
 
     async def close(self) -> None:
         if self.task is not None and not self.task.done():

@@ -235,6 +235,37 @@ async def test_a_flapping_home_server_does_not_pull_the_node_back(
         await wait_until(lambda: len(b.got) > 10, 10, "alice's events at bob")
 
 
+async def test_a_home_cut_off_from_the_mesh_is_not_moved_to(
+        node_factory: NodeFactory, nats_factory: NatsFactory, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Home answers probes but has no gateway to where the node is: the marker sent through
+    the old server never reaches home, so the move is given up and the node keeps serving
+    from where it is, losing nothing (held publishes go out on the old connection)."""
+    async with two_regions(node_factory, nats_factory, tmp_path, after=0.5) as (
+            home, away, x, _y, a, b):
+        home.kill()
+        await moved_away(x, away)
+        assert home.config is not None
+        home.config.write_text(f'server_name: "home-alone"\nlisten: "127.0.0.1:{home.port}"\n')
+        a.start()
+        b.start()
+        await wait_until(lambda: len(a.got) > 20 and len(b.got) > 20, 10, "traffic both ways")
+        mark_a, mark_b = len(a.got), len(b.got)
+        home.start()
+        await wait_until(lambda: health(x)["failback_aborts"] >= 1, 20, "the move given up")
+        assert health(x)["failbacks"] == 0 and health(x)["server"] == redact(away.url)
+        n_b, n_a = len(b.got), len(a.got)
+        await wait_until(lambda: len(b.got) > n_b + 20 and len(a.got) > n_a + 20, 10,
+                         "traffic both ways after")
+        await a.stop_sending()
+        await b.stop_sending()
+        await wait_until(lambda: a.got[-1] == b.sent - 1 and b.got[-1] == a.sent - 1, 10,
+                         "the last numbers")
+    assert contiguous(a.got[mark_a - 1:]) == (0, 0, 0)
+    assert contiguous(b.got[mark_b - 1:]) == (0, 0, 0)
+    assert "given up: nothing sent through" in caplog.text
+
+
 async def test_probe_answers_for_a_live_server_only(nats_server: NatsServer) -> None:
     assert await probe(nats_server.url) == ""
     assert await probe(f"nats://127.0.0.1:{free_port()}") != ""
