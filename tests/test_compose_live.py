@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from infra.composelive import ComposeLive, can_run, load_yaml
 from testkit.frames import control, data_frame
@@ -142,6 +145,40 @@ async def test_webtransport_and_websocket_peers_in_two_regions(compose: ComposeL
         await ws.send(data_frame("live", "hello", '"from eu-west"'))
         back = await wt.next_message(match=lambda m: m.get("t") == "data", timeout=10)
         assert back["p"] == "ws-eu"
+
+
+async def test_prscd_publish_from_the_host_and_by_compose_exec(compose: ComposeLive) -> None:
+    """docs/deployment.md: `prscd publish` against the NATS port published on loopback, and
+    `docker compose exec prscd-us-east prscd publish ...` inside a node."""
+    ws_url = (f"wss://127.0.0.1:{port(compose, 'prscd-ap-south', 'tcp')}"
+              "/v1?publickey=dev&id=ws-ap")
+    async with connect(ws_url, ssl=insecure()) as ws:
+        await ws.send(join_frame("news", "ws-ap"))
+        await recv(ws)
+        nats = compose.published[("nats-us-east", 4222, "tcp")]
+        env = {**os.environ, "NATS_URL": f"nats://127.0.0.1:{nats}"}
+        host = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node", "--env-file", "/nonexistent", "publish",
+            "--channel", "news", "--event", "alert", "--data", '"from the host"', env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(host.communicate(), 20)
+        assert host.returncode == 0, out
+        assert await backend_event(ws) == ("alert", "from the host")
+        run = await asyncio.to_thread(compose.exec, "prscd-us-east", [
+            "prscd", "publish", "--channel", "news", "--event", "alert", "--data",
+            '"from compose exec"'], 20)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert await backend_event(ws) == ("alert", "from compose exec")
+
+
+async def backend_event(ws: ClientConnection) -> tuple[str, Any]:
+    """(event, data) of the next data message, which must come from the backend."""
+    while (got := await recv(ws, timeout=20)).get("t") != "data":
+        pass
+    assert got["p"] == "backend", got
+    payload = msgpack.unpackb(got["pl"])
+    data = payload["data"]
+    return payload["event"], json.loads(data) if isinstance(data, str) else data
 
 
 async def test_spans_of_one_message_from_two_regions_share_a_trace(compose: ComposeLive) -> None:
