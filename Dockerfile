@@ -1,6 +1,6 @@
 # prscd node image: slim, non-root, health-checked.
 #   docker build -t prscd .
-#   docker run -p 8443:8443/tcp -p 8443:8443/udp prscd
+#   docker run -p 127.0.0.1:8443:8443/tcp -p 127.0.0.1:8443:8443/udp prscd
 FROM python:3.11-slim AS build
 WORKDIR /src
 # Dependencies first, as their own layer: a change to the code does not download them
