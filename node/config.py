@@ -196,7 +196,7 @@ class Settings:
 
     webtransport: bool = _S("WebTransport", "WEBTRANSPORT", "bool", True,
                             "HTTP/3 on UDP PORT, same certificate (needs TLS); false = off.")
-    wt_idle_timeout: float = _S("WebTransport", "WT_IDLE_TIMEOUT", "seconds", 3.0,
+    wt_idle_timeout: float = _S("WebTransport", "WT_IDLE_TIMEOUT", "seconds", 2.0,
                                 "Seconds without a packet from a peer before its session ends.")
     wt_ping_interval: float = _S("WebTransport", "WT_PING_INTERVAL", "seconds", 1.0,
                                  "Seconds between server QUIC PINGs; 0 = off; keep well under "
@@ -524,18 +524,19 @@ refuse the batch (dropped, counted). Queueing never waits: past `WEBHOOK_QUEUE` 
 dropped and counted (`webhook_queue_full`). The URL may carry credentials; it is never
 logged. More: [webhooks.md](webhooks.md).""",
     "limits": """\
-Server pings carry an 8-byte big-endian millisecond timestamp. The real client answers every
-`peer_online` with its state, to the whole channel, so N peers joining at once cost N^3/2
-deliveries; with `DEDUPE_PEER_STATE` an unchanged `peer_state` goes only to the members that
-lack it (about 2N^2), and everyone still lists everyone with the latest state. Messages over
-`RATE_LIMIT` (after the `RATE_BURST`) are dropped and counted; a peer sending more than twice
-the rate for a while is closed with 1008. Answers the server asks for (`peer_state` after a
-`peer_online`, announce after a join ack) are not charged. A join over
-`MAX_CHANNELS_PER_PEER` or `MAX_PEERS_PER_CHANNEL` closes the connection with 4008 and the
-reason: the real client would otherwise wait for the ack forever, and it does not retry
-codes >= 4000. A peer over `WRITE_BUFFER_LIMIT` is counted too. `HANDSHAKE_TIMEOUT` applies to
-the TLS handshake, then to the WebSocket upgrade; a QUIC connection that opens no
-WebTransport session in that time is closed.""",
+Server pings carry 8 random bytes (a client cannot answer them blindly). The real client
+answers every `peer_online` with its state, to the whole channel, so N peers joining at once
+cost N^3/2 deliveries; with `DEDUPE_PEER_STATE` an unchanged `peer_state` goes only to the
+members that lack it (about 2N^2), and everyone still lists everyone with the latest state.
+Messages over `RATE_LIMIT` (after the `RATE_BURST`) are dropped and counted; a peer sending
+more than twice the rate for a while is closed with 1008. Answers the server asks for
+(`peer_state` after a `peer_online`, announce after a join ack) are not charged, per
+channel; a join costs one token per channel it makes announce (SECURITY.md, the cost model).
+A join over `MAX_CHANNELS_PER_PEER` or `MAX_PEERS_PER_CHANNEL` closes the connection with
+4008 and the reason: the real client would otherwise wait for the ack forever, and it does
+not retry codes >= 4000. A peer over `WRITE_BUFFER_LIMIT` is counted too.
+`HANDSHAKE_TIMEOUT` applies to the TLS handshake, then to the WebSocket upgrade; a QUIC
+connection that opens no WebTransport session in that time is closed.""",
     "WebTransport": """\
 A killed browser sends nothing, so it is noticed after `WT_IDLE_TIMEOUT` plus up to
 `WT_PING_INTERVAL`; with `WT_PING_INTERVAL=0` a live but quiet browser is cut after

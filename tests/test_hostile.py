@@ -199,3 +199,60 @@ async def test_an_id_that_hides_or_reorders_is_refused_400_on_both_transports(
         async with wt_connect(node.port, f"/v1?publickey=k&id={raw}") as wt:
             assert wt.status == 400
     await still_served(node)
+
+
+# -- (4) control replies count toward the write backlog; (5) pings cannot be guessed ------
+
+
+def _client_frame(opcode: int, payload: bytes) -> bytes:
+    """A final, masked client frame (mask 0: the payload goes as is) of at most 125 bytes."""
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+async def test_pings_sent_without_reading_close_the_peer_as_a_slow_reader(
+        node_factory: NodeFactory) -> None:
+    """400,000 pings without reading made the node queue 55 MB of pongs until the ping
+    timeout. Pongs now count toward WRITE_BUFFER_LIMIT: the pinger is closed 1008."""
+    node = await node_factory(WRITE_BUFFER_LIMIT=str(256 * 1024))
+    a = await joined(node, "calm", "a")
+    b = await joined(node, "calm", "b")
+    pinger = await joined(node, "room", "pinger")
+    pinger.transport.pause_reading()
+    blob = _client_frame(0x9, b"p" * 125) * 1000
+    started = time.monotonic()
+    dropped = node.node.presence.dropped
+    for _ in range(200):  # up to 26 MB of pings, 25 MB of pongs owed
+        if dropped["slow_reader"]:
+            break
+        pinger.transport.write(blob)
+        await asyncio.sleep(0.005)
+    await wait_until(lambda: dropped["slow_reader"] == 1, 5, "the pinger closed as slow")
+    assert time.monotonic() - started < 2.0
+    await wait_until(lambda: all(p.client_id != "pinger"
+                                 for p in node.node.presence.peers.values()), 5, "gone")
+    pinger.transport.abort()
+    await barrier(a, b, "calm")
+
+
+async def test_blind_answers_to_pings_do_not_keep_a_non_reader_connected(
+        node_factory: NodeFactory) -> None:
+    """Pings carried a millisecond timestamp: a client that never reads could send pongs for
+    every recent millisecond and pass for alive. Random payloads cannot be guessed."""
+    import struct
+
+    node = await node_factory(PING_INTERVAL="0.3", PING_TIMEOUT="0.6")
+    a = await joined(node, "calm", "a")
+    b = await joined(node, "calm", "b")
+    liar = await joined(node, "room", "liar", ping_interval=None)
+    liar.transport.pause_reading()  # (the library would answer the real pings)
+    dropped = node.node.presence.dropped
+    started = time.monotonic()
+    while not dropped["ping_timeout"] and time.monotonic() - started < 5:
+        now_ms = int(time.time() * 1000)
+        liar.transport.write(b"".join(_client_frame(0xA, struct.pack(">Q", ms))
+                                      for ms in range(now_ms - 400, now_ms + 50)))
+        await asyncio.sleep(0.05)
+    assert dropped["ping_timeout"] == 1
+    assert time.monotonic() - started < 2.5
+    liar.transport.abort()
+    await barrier(a, b, "calm")

@@ -4,8 +4,6 @@ peers, a timestamp ping every interval, a missing pong reported as a ping-timeou
 from __future__ import annotations
 
 import asyncio
-import struct
-import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -67,9 +65,8 @@ async def test_live_peers_are_pinged_every_interval_and_get_their_rtt() -> None:
     assert peers.faults == []
     assert live.peer is not None and live.peer.rtt_ms == 2.5
     assert peers.rtts and set(peers.rtts) == {0.0025}  # the node's RTT histogram
-    # The payload is an 8-byte big-endian millisecond timestamp (the client echoes it).
-    stamp = struct.unpack(">Q", ws.pings[-1])[0]
-    assert abs(stamp - time.time() * 1000) < 5000
+    # The payload is 8 random bytes (the client echoes it), none like another.
+    assert {len(p) for p in ws.pings} == {8} and len(set(ws.pings)) == len(ws.pings)
 
 
 async def test_a_silent_peer_is_reported_once_after_the_timeout() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import struct
 import time
 from http import HTTPStatus
 
@@ -268,7 +267,7 @@ async def test_join_is_registered_before_the_next_frame(node: RunningNode) -> No
 
 # -- keepalive ----------------------------------------------------------------------------
 
-async def test_server_pings_with_timestamp_and_records_rtt(node_factory: NodeFactory) -> None:
+async def test_server_pings_with_random_bytes_and_records_rtt(node_factory: NodeFactory) -> None:
     node = await node_factory(PING_INTERVAL="0.2")
     ws = await joined(node, "room", "alice")
     pings: list[bytes] = []
@@ -286,9 +285,7 @@ async def test_server_pings_with_timestamp_and_records_rtt(node_factory: NodeFac
         await ws.send(control("peer_online", "room"))  # keep the loop turning
         await asyncio.sleep(0.05)
     assert server_peer.rtt_ms is not None and server_peer.rtt_ms >= 0
-    assert len(pings[0]) == 8
-    sent_ms = struct.unpack(">Q", pings[0])[0]
-    assert abs(sent_ms - time.time() * 1000) < 10_000
+    assert len(pings[0]) == 8  # random (issue 15): a timestamp could be answered blindly
 
 
 async def test_silent_peer_is_dropped_and_goes_offline(node_factory: NodeFactory) -> None:

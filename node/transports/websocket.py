@@ -28,8 +28,8 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import struct
-import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +92,8 @@ class PeerConnection(ServerConnection):
             if self.protocol.state is not OPEN:
                 link.closing = True
         super().send_data()
+        if link is not None:
+            link.library_wrote()
 
     def connection_lost(self, exc: Exception | None) -> None:
         link = self.prscd_link
@@ -118,6 +120,9 @@ class Writer:
         self._dirty: list[WebSocketLink] = []
         self._frame: bytes | None = None
         self._wire = b""
+        #: A closing link with more than this queued is aborted (0: never): see
+        #: WebSocketLink.library_wrote.
+        self.abort_over = 0
 
     def wire(self, frame: bytes) -> bytes:
         """``frame`` with its WebSocket header; built once for all peers of a Deliver."""
@@ -192,6 +197,22 @@ class WebSocketLink:
         if queued and not self.closing and self.peer is not None:
             self.writer.peers.backlog(self.peer, queued)
 
+    def library_wrote(self) -> None:
+        """The library wrote its own frames: pongs to the client's pings, close frames.
+
+        They count toward the backlog like ours: a client that pings without reading made
+        the node queue 55 MB of pongs (400,000 pings), held until the ping timeout. Now it
+        is a slow reader (1008) past WRITE_BUFFER_LIMIT, and aborted if it goes on pinging
+        past twice that while its close is under way (pongs are still owed while closing).
+        """
+        queued = self.ws.transport.get_write_buffer_size()
+        if not queued:
+            return
+        if not self.closing:
+            self._check(queued)
+        elif self.writer.abort_over and queued > self.writer.abort_over:
+            self.ws.transport.abort()
+
     def close(self, code: int, reason: str) -> None:
         """Close without waiting for the write buffer to drain (``ws.close()`` would).
 
@@ -227,9 +248,11 @@ class CompressedLink(WebSocketLink):
 
 
 class Keepalive:
-    """One timer for all peers: a timestamp ping every ``interval``; a pong later than
-    ``timeout`` closes 1011. (A task per connection cost memory, and awaiting
-    ``ws.ping()`` hung on a peer whose write buffer never drained.)"""
+    """One timer for all peers: a ping every ``interval``; a pong later than ``timeout``
+    closes 1011. The ping carries 8 random bytes: a client that never reads cannot answer
+    a payload it can guess (a millisecond timestamp could be) and stay connected. (A task
+    per connection cost memory, and awaiting ``ws.ping()`` hung on a peer whose write
+    buffer never drained.)"""
 
     def __init__(self, peers: Peers, interval: float, timeout: float) -> None:
         self.peers = peers
@@ -300,7 +323,7 @@ class Keepalive:
         if link.ws.protocol.state is not OPEN:
             return
         link.pinged_at = link.ping_sent = now
-        stamp = struct.pack(">Q", int(time.time() * 1000))
+        stamp = os.urandom(8)
         # ws.ping() may wait for the write buffer to drain: a task, so it never stalls us.
         _spawn(self._ping_one(link, stamp))
 
@@ -340,6 +363,7 @@ class WebSocketListener:
         self.status = status
         self.server: Server | None = None
         self.writer = Writer(peers)
+        self.writer.abort_over = 2 * settings.write_buffer_limit
         self.keepalive = Keepalive(peers, settings.ping_interval, settings.ping_timeout)
 
     def _headers(self) -> dict[str, str]:
