@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import json
 import os
@@ -251,6 +252,9 @@ def can_run() -> str | None:
     for tool in ("ip", "nsenter", "chroot", "setpriv", "mount"):
         if shutil.which(tool) is None:
             return f"needs {tool}"
+    if not any(Path(d).glob("setuptools-*.whl") for d in LOCAL_WHEELS):
+        # The build runs with no network, as pip would need it for its isolated build.
+        return f"no setuptools wheel on this machine ({', '.join(LOCAL_WHEELS)})"
     probe = f"pcl{os.getpid()}probe"
     try:
         subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True)
@@ -258,6 +262,27 @@ def can_run() -> str | None:
     except (OSError, subprocess.CalledProcessError) as exc:
         return f"`ip netns add` does not work here: {exc}"
     return None
+
+
+def _clean_stale() -> None:
+    """Namespaces (and what still runs in them) of a run whose process is gone (killed by a
+    timeout, say): named pcl<pid>..."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for ns in re.findall(r"^(pcl(\d+)\w*)", listed, re.M):
+        name, pid = ns[0], int(ns[1])
+        try:
+            os.kill(pid, 0)
+            continue  # its run is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True).stdout.split()
+        for leftover in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(leftover), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def _sh(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -360,7 +385,8 @@ class ComposeLive:
         self.compose = load_yaml((root / compose_file).read_text())
         self.stages = parse_dockerfile((root / "Dockerfile").read_text())
         self.stand_ins, self.skip = stand_ins, skip
-        tag = f"pcl{os.getpid() % 100000}"
+        _clean_stale()
+        tag = f"pcl{os.getpid()}"
         self.switch = f"{tag}sw"
         self.services: dict[str, Service] = {}
         names = [n for n in self.compose["services"] if n not in skip]
@@ -437,9 +463,7 @@ class ComposeLive:
         # (its pip.conf names them) give the isolated build its setuptools.
         wheels = " ".join(d for d in LOCAL_WHEELS if Path(d).is_dir())
         env = {"PATH": IMAGE_PATH, "LANG": "C.UTF-8", "HOME": "/root", "PIP_NO_INDEX": "1",
-               "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-               **({"PIP_FIND_LINKS": wheels} if wheels else {"PIP_NO_BUILD_ISOLATION": "0"}),
-               **stage.env}
+               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_FIND_LINKS": wheels, **stage.env}
         lines += _steps(m, stage, {None: context}, env)
         # What later stages take from this one (COPY --from), kept under out/.
         for later in self.stages:
@@ -841,40 +865,32 @@ async def _forward(tcp: list[str], udp: list[str]) -> None:
 
 def _otlp_sink(port: int, out: Path) -> None:
     """OTLP/HTTP traces in, one JSON line per span out (what Jaeger would show)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+    from aiohttp import web
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            request = ExportTraceServiceRequest()
-            request.ParseFromString(body)
-            lines = []
-            for rs in request.resource_spans:
-                res = {a.key: a.value.string_value for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    for span in ss.spans:
-                        lines.append(json.dumps({
-                            "node": res.get("service.instance.id"),
-                            "mesh": res.get("prscd.mesh_id"), "name": span.name,
-                            "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
-                            "parent": span.parent_span_id.hex(),
-                            "attrs": {a.key: a.value.string_value for a in span.attributes}}))
-            with out.open("a") as f:
-                f.write("".join(line + "\n" for line in lines))
-            self.send_response(200 if self.path == "/v1/traces" else 404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    async def traces(request: web.Request) -> web.Response:
+        body = await request.read()
+        if body[:2] == b"\x1f\x8b":  # Content-Encoding: gzip, when not undone already
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        lines = []
+        for resource_spans in export.resource_spans:
+            res = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            lines += [json.dumps({
+                "node": res.get("service.instance.id"), "mesh": res.get("prscd.mesh_id"),
+                "name": span.name, "trace_id": span.trace_id.hex(),
+                "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
+                "attrs": {a.key: a.value.string_value for a in span.attributes}})
+                for scope in resource_spans.scope_spans for span in scope.spans]
+        with out.open("a") as f:
+            f.write("".join(line + "\n" for line in lines))
+        return web.Response(content_type="application/x-protobuf")
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    web.run_app(app, port=port, print=None, handle_signals=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -891,7 +907,6 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         asyncio.run(_forward(args.tcp, args.udp))
     else:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         _otlp_sink(args.port, args.out)
     return 0
 

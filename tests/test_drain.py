@@ -8,10 +8,18 @@ import signal
 import time
 from pathlib import Path
 
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.helpers import get, insecure, join_frame, recv
 from tests.test_cli import run_prscd
+
+
+async def member(port: int, who: str) -> ClientConnection:
+    """A peer in channel "room" (its join acknowledged)."""
+    ws = await connect(f"wss://127.0.0.1:{port}/v1?publickey=k&id={who}", ssl=insecure())
+    await ws.send(join_frame("room", who))
+    await recv(ws)
+    return ws
 
 
 async def test_an_idle_node_stops_at_once_despite_drain_seconds(tmp_path: Path) -> None:
@@ -30,12 +38,7 @@ async def test_an_idle_node_stops_at_once_despite_drain_seconds(tmp_path: Path) 
 
 async def test_the_drain_ends_when_the_last_peer_leaves(tmp_path: Path) -> None:
     async with run_prscd(tmp_path, DRAIN_SECONDS="30") as prscd:
-        base = f"wss://127.0.0.1:{prscd.port}/v1?publickey=k"
-        a = await connect(f"{base}&id=alice", ssl=insecure())
-        b = await connect(f"{base}&id=bob", ssl=insecure())
-        for ws, who in ((a, "alice"), (b, "bob")):
-            await ws.send(join_frame("room", who))
-            await recv(ws)
+        a, b = [await member(prscd.port, who) for who in ("alice", "bob")]
         prscd.proc.send_signal(signal.SIGTERM)
         await prscd.wait_log("draining")
         await a.close()
