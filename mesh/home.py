@@ -28,11 +28,13 @@ import random
 import secrets
 import time
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from mesh.nats import NatsBus, _Connection
+# mesh/nats.py's NatsBus and its _Connection; not imported (even for typing: nats.py imports
+# this module, and tests/test_imports.py keeps mesh/ free of cycles).
+NatsBus = Any
+_Connection = Any
 
 log = logging.getLogger("prscd.mesh.nats")
 
