@@ -25,17 +25,13 @@ the Dockerfile say is read from the files, not repeated here:
 - **down**: every service gets its stop signal in reverse dependency order and is killed
   only after its ``stop_grace_period`` (compose's default 10 s); how long each took is kept.
 
-``python -m infra.composelive forward ...`` and ``... otlp-sink ...`` are the forwarder and
-the OTLP receiver processes.
+The forwarder and the OTLP receiver run as processes of their own:
+``python -m infra.composehelpers forward ...`` / ``... otlp-sink ...``.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
-import gzip
-import json
 import os
 import re
 import shlex
@@ -50,194 +46,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from infra.composefile import (
+    Stage,
+    context_files,
+    load_yaml,
+    parse_dockerfile,
+    parse_duration,
+    parse_port,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SUBNET = "10.213.0"  # inside namespaces this run made itself; nothing leaves them
 LOCAL_WHEELS = ("/opt/pypi/files", "/opt/wheels")
-
-
-# -- reading the files -------------------------------------------------------------------
-
-
-class StrictLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys silently; compose refuses the file."""
-
-
-def _mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                "while constructing a mapping", node.start_mark,
-                f"found duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-
-
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=StrictLoader)
-
-
-def _ignore_regex(pattern: str) -> re.Pattern[str]:
-    out = ""
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out + r"\Z")
-
-
-def dockerignore(root: Path) -> list[tuple[bool, re.Pattern[str]]]:
-    """(excluded, pattern) per line; a later line wins, `!` re-includes, as Docker reads it."""
-    rules = []
-    path = root / ".dockerignore"
-    for raw in path.read_text().splitlines() if path.exists() else []:
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        rules.append((not negated, _ignore_regex(line.lstrip("!").strip("/"))))
-    return rules
-
-
-def ignored(rel: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
-    parts = rel.split("/")
-    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
-    verdict = False
-    for excluded, pattern in rules:
-        if any(pattern.match(p) for p in prefixes):
-            verdict = excluded
-    return verdict
-
-
-def context_files(root: Path) -> list[str]:
-    """The build context: every file Docker would send, relative to ``root``."""
-    rules = dockerignore(root)
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        dirnames[:] = [d for d in dirnames if not ignored(rel_dir + d, rules)]
-        files += [rel_dir + f for f in filenames if not ignored(rel_dir + f, rules)]
-    return sorted(files)
-
-
-@dataclass
-class Stage:
-    name: str
-    base: str
-    workdir: str = "/"
-    env: dict[str, str] = field(default_factory=dict)
-    user: str = "root"
-    #: ("copy", sources, dest, from_stage, workdir) or ("run", command, workdir), in order.
-    steps: list[tuple[Any, ...]] = field(default_factory=list)
-    healthcheck: list[str] | None = None
-    entrypoint: list[str] = field(default_factory=list)
-    cmd: list[str] = field(default_factory=list)
-    stopsignal: str = "SIGTERM"
-
-
-def _instructions(text: str) -> list[tuple[str, str]]:
-    out, pending = [], ""
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not pending and (not line.strip() or line.lstrip().startswith("#")):
-            continue
-        if pending and line.lstrip().startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def _argv(rest: str) -> list[str]:
-    return json.loads(rest) if rest.startswith("[") else ["/bin/sh", "-c", rest]
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
-    stages: list[Stage] = []
-    for word, rest in _instructions(text):
-        if word == "FROM":
-            parts = rest.split()
-            name = parts[2] if len(parts) > 2 and parts[1].upper() == "AS" else str(len(stages))
-            stages.append(Stage(name=name, base=parts[0]))
-            continue
-        stage = stages[-1]
-        if word == "WORKDIR":
-            stage.workdir = os.path.join(stage.workdir, rest)
-        elif word == "ENV":
-            for item in shlex.split(rest):
-                key, _, value = item.partition("=")
-                stage.env[key] = value
-        elif word == "USER":
-            stage.user = rest
-        elif word == "COPY":
-            args = shlex.split(rest)
-            src_stage = next((a.split("=", 1)[1] for a in args if a.startswith("--from=")), None)
-            paths = [a for a in args if not a.startswith("--")]
-            stage.steps.append(("copy", paths[:-1], paths[-1], src_stage, stage.workdir))
-        elif word == "RUN":
-            stage.steps.append(("run", rest, stage.workdir))
-        elif word == "HEALTHCHECK":
-            stage.healthcheck = ["CMD", *json.loads(rest.split(" CMD ", 1)[1].strip())]
-        elif word == "ENTRYPOINT":
-            stage.entrypoint = _argv(rest)
-        elif word == "CMD":
-            stage.cmd = _argv(rest)
-        elif word == "STOPSIGNAL":
-            stage.stopsignal = rest
-    return stages
-
-
-def parse_duration(value: str | int | float | None, default: float) -> float:
-    if value is None:
-        return default
-    if isinstance(value, int | float):
-        return float(value)
-    total = 0.0
-    for number, unit in re.findall(r"([\d.]+)(ms|h|m|s)", value):
-        total += float(number) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
-    return total
-
-
-@dataclass(frozen=True)
-class Port:
-    host_ip: str
-    host_port: int
-    container_port: int
-    protocol: str
-
-
-def parse_port(spec: str | int | dict[str, Any]) -> Port:
-    if isinstance(spec, dict):
-        return Port(spec.get("host_ip", ""), int(spec["published"]), int(spec["target"]),
-                    spec.get("protocol", "tcp"))
-    text, _, protocol = str(spec).partition("/")
-    parts = text.rsplit(":", 2) if text.count(":") >= 2 else ["", *text.split(":")]
-    if len(parts) == 2:
-        parts = ["", parts[0], parts[1]]
-    return Port(parts[0], int(parts[1]), int(parts[2]), protocol or "tcp")
 
 
 # -- running ----------------------------------------------------------------------------
@@ -369,7 +190,6 @@ class Service:
     stop_signal: str = "SIGTERM"
     stop_grace: float = 10.0
     proc: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
     healthy: bool = False
     stand_in: bool = False
     stopped_in: float | None = None
@@ -395,8 +215,6 @@ class ComposeLive:
                                           f"{tag}s{i}", f"{SUBNET}.{10 + i}")
         #: (service, container port, protocol) -> the 127.0.0.1 port it is published on.
         self.published: dict[tuple[str, int, str], int] = {}
-        #: (service, port as written in the compose file) for every published port.
-        self.declared: dict[tuple[str, int, str], Port] = {}
         self.namespaces: list[str] = []
         self.helpers: list[subprocess.Popen[bytes]] = []
         self.volumes: dict[str, Path] = {}
@@ -600,8 +418,7 @@ class ComposeLive:
     def _start(self, svc: Service) -> None:
         script = self._prepare(svc) + "\n" + self._exec_line(svc)
         (self.work / "logs" / f"{svc.name}.sh").write_text(script)
-        svc.log = self.work / "logs" / f"{svc.name}.log"
-        with svc.log.open("wb") as log:
+        with (self.work / "logs" / f"{svc.name}.log").open("wb") as log:
             svc.proc = subprocess.Popen(
                 ["ip", "netns", "exec", svc.netns, "/bin/sh", "-c", script],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
@@ -714,6 +531,7 @@ class ComposeLive:
 
         args: list[str] = []
         fds: list[int] = []
+        held: list[socket.socket] = []
         for name, svc in self.services.items():
             for spec in svc.spec.get("ports", []):
                 port = parse_port(spec)
@@ -726,18 +544,17 @@ class ComposeLive:
                     sock.listen(64)
                 key = (name, port.container_port, port.protocol)
                 self.published[key] = sock.getsockname()[1]
-                self.declared[key] = port
                 args += [f"--{port.protocol}", f"{sock.fileno()}={svc.ip}:{port.container_port}"]
                 fds.append(sock.fileno())
-                self._held = [*getattr(self, "_held", []), sock]
+                held.append(sock)
         if not args:
             return
         log = (self.work / "logs" / "forward.log").open("wb")
         self.helpers.append(subprocess.Popen(
-            ["ip", "netns", "exec", self.switch, sys.executable, "-m", "infra.composelive",
+            ["ip", "netns", "exec", self.switch, sys.executable, "-m", "infra.composehelpers",
              "forward", *args], pass_fds=fds, stdout=log, stderr=subprocess.STDOUT,
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}))
-        for sock in self._held:
+        for sock in held:
             sock.close()  # the forwarder holds them now
 
     # -- down -------------------------------------------------------------------------
@@ -783,133 +600,3 @@ class ComposeLive:
         for name in names:
             visit(name)
         return done
-
-
-# -- helper processes -------------------------------------------------------------------
-
-
-async def _tcp_forward(listener: socket.socket, target: tuple[str, int]) -> None:
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*target)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = await asyncio.start_server(serve, sock=listener)
-    await server.serve_forever()
-
-
-class _UdpUpstream(asyncio.DatagramProtocol):
-    def __init__(self, front: asyncio.DatagramTransport, client: Any) -> None:
-        self.front, self.client = front, client
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.front.sendto(data, self.client)
-
-
-class _UdpFront(asyncio.DatagramProtocol):
-    """Like Docker's userland proxy: one upstream socket per client address."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.upstreams: dict[Any, asyncio.DatagramTransport] = {}
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        upstream = self.upstreams.get(addr)
-        if upstream is not None:
-            upstream.sendto(data)
-            return
-        asyncio.get_running_loop().create_task(self._open(addr, data))
-
-    async def _open(self, addr: Any, first: bytes) -> None:
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpUpstream(self.transport, addr), remote_addr=self.target)  # type: ignore[arg-type]
-        self.upstreams[addr] = transport
-        transport.sendto(first)
-
-
-async def _forward(tcp: list[str], udp: list[str]) -> None:
-    loop = asyncio.get_running_loop()
-    tasks = []
-    for spec in tcp:
-        fd, _, target = spec.partition("=")
-        host, _, port = target.rpartition(":")
-        sock = socket.socket(fileno=int(fd))
-        tasks.append(asyncio.ensure_future(_tcp_forward(sock, (host, int(port)))))
-    for spec in udp:
-        fd, _, target = spec.partition("=")
-        host, _, port = target.rpartition(":")
-        sock = socket.socket(fileno=int(fd))
-        await loop.create_datagram_endpoint(lambda h=host, p=port: _UdpFront((h, int(p))),
-                                            sock=sock)
-    await asyncio.gather(*tasks, asyncio.Event().wait())
-
-
-def _otlp_sink(port: int, out: Path) -> None:
-    """OTLP/HTTP traces in, one JSON line per span out (what Jaeger would show)."""
-    from aiohttp import web
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    async def traces(request: web.Request) -> web.Response:
-        body = await request.read()
-        if body[:2] == b"\x1f\x8b":  # Content-Encoding: gzip, when not undone already
-            body = gzip.decompress(body)
-        export = ExportTraceServiceRequest.FromString(body)
-        lines = []
-        for resource_spans in export.resource_spans:
-            res = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            lines += [json.dumps({
-                "node": res.get("service.instance.id"), "mesh": res.get("prscd.mesh_id"),
-                "name": span.name, "trace_id": span.trace_id.hex(),
-                "span_id": span.span_id.hex(), "parent": span.parent_span_id.hex(),
-                "attrs": {a.key: a.value.string_value for a in span.attributes}})
-                for scope in resource_spans.scope_spans for span in scope.spans]
-        with out.open("a") as f:
-            f.write("".join(line + "\n" for line in lines))
-        return web.Response(content_type="application/x-protobuf")
-
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    web.run_app(app, port=port, print=None, handle_signals=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.composelive")
-    commands = parser.add_subparsers(dest="command", required=True)
-    forward = commands.add_parser("forward", help="published ports: FD=HOST:PORT each")
-    forward.add_argument("--tcp", action="append", default=[])
-    forward.add_argument("--udp", action="append", default=[])
-    sink = commands.add_parser("otlp-sink", help="an OTLP/HTTP receiver writing JSON lines")
-    sink.add_argument("--port", type=int, default=4318)
-    sink.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
-    if args.command == "forward":
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        asyncio.run(_forward(args.tcp, args.udp))
-    else:
-        _otlp_sink(args.port, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from infra.cluster import REGIONS, nats_server_bin
-from infra.composelive import load_yaml, parse_dockerfile, parse_port
+from infra.composefile import load_yaml, parse_dockerfile, parse_port
 from mesh.tracing import resolve_endpoint
 from node.config import Settings
 from tests.conftest import NodeFactory

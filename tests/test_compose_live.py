@@ -24,7 +24,8 @@ import msgpack
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from infra.composelive import ComposeLive, can_run, load_yaml
+from infra.composefile import load_yaml
+from infra.composelive import ComposeLive, can_run
 from testkit.frames import control, data_frame
 from tests.helpers import get, insecure, join_frame, recv
 from tests.mesh_helpers import wait_until
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"live compose check
 
 
 def stand_ins(work: Path) -> dict[str, list[str]]:
-    return {"jaeger": [sys.executable, "-m", "infra.composelive", "otlp-sink", "--port",
+    return {"jaeger": [sys.executable, "-m", "infra.composehelpers", "otlp-sink", "--port",
                        "4318", "--out", str(work / "spans.jsonl")]}
 
 
