@@ -44,7 +44,7 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=StrictLoader)
 
 
-def _ignore_regex(pattern: str) -> re.Pattern[str]:
+def ignore_regex(pattern: str) -> re.Pattern[str]:
     out = ""
     i = 0
     while i < len(pattern):
@@ -70,7 +70,7 @@ def dockerignore(root: Path) -> list[tuple[bool, re.Pattern[str]]]:
         if not line or line.startswith("#"):
             continue
         negated = line.startswith("!")
-        rules.append((not negated, _ignore_regex(line.lstrip("!").strip("/"))))
+        rules.append((not negated, ignore_regex(line.lstrip("!").strip("/"))))
     return rules
 
 

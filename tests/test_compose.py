@@ -23,7 +23,14 @@ import pytest
 import yaml
 
 from infra.cluster import REGIONS, nats_server_bin
-from infra.composefile import load_yaml, parse_dockerfile, parse_port
+from infra.composefile import (
+    context_files,
+    ignore_regex,
+    ignored,
+    load_yaml,
+    parse_dockerfile,
+    parse_port,
+)
 from mesh.tracing import resolve_endpoint
 from node.config import Settings
 from tests.conftest import NodeFactory
@@ -266,3 +273,23 @@ def test_edge_examples_health_check_ready_every_10s_3_times() -> None:
     assert (tm["path"], tm["intervalInSeconds"], tm["toleratedNumberOfFailures"]) == ("/ready", 10, 3)
     # The drain must outlast the balancer's 30 s to notice; the docs say so.
     assert "DRAIN_SECONDS` above that (40)" in (edge / "README.md").read_text()
+
+
+def test_build_context_has_what_the_dockerfile_copies_and_no_secrets() -> None:
+    files = context_files(ROOT)
+    assert ".env" not in files  # keys would end up in a layer
+    assert not [f for f in files if f.startswith((".venv/", ".git/")) or "__pycache__" in f]
+    for stage in parse_dockerfile(DOCKERFILE):
+        for step in stage.steps:
+            if step[0] == "copy" and step[3] is None:
+                for src in step[1]:
+                    assert any(f == src or f.startswith(src + "/") for f in files), src
+
+
+def test_dockerignore_patterns_read_as_docker_reads_them() -> None:
+    rules = [(True, ignore_regex("**/__pycache__")), (True, ignore_regex("docs/*.png")),
+             (False, ignore_regex("docs/keep.png")), (True, ignore_regex(".env"))]
+    assert ignored("node/__pycache__/x.pyc", rules) and ignored("__pycache__/a", rules)
+    assert ignored("docs/a.png", rules) and not ignored("docs/keep.png", rules)
+    assert not ignored("docs/sub/a.png", rules)  # * stops at a slash
+    assert ignored(".env", rules) and not ignored(".env.example", rules)
