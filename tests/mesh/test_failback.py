@@ -113,6 +113,17 @@ def contiguous(seq: list[int]) -> tuple[int, int, int]:
     return missing, len(seq) - len(distinct), sum(b < a for a, b in itertools.pairwise(seq))
 
 
+async def finish(a: Counting, b: Counting) -> None:
+    """A few hundred ms more traffic both ways, then stop and wait for the last numbers."""
+    n_b, n_a = len(b.got), len(a.got)
+    await wait_until(lambda: len(b.got) > n_b + 30 and len(a.got) > n_a + 30, 10,
+                     "traffic both ways after")
+    await a.stop_sending()
+    await b.stop_sending()
+    await wait_until(lambda: a.got[-1] == b.sent - 1 and b.got[-1] == a.sent - 1, 10,
+                     "the last numbers")
+
+
 @asynccontextmanager
 async def two_regions(node_factory: NodeFactory, nats_factory: NatsFactory, tmp_path: Path,
                       after: float) -> AsyncIterator[tuple[Any, ...]]:
@@ -160,14 +171,7 @@ async def test_node_moves_away_keeps_serving_and_moves_back_without_loss(
         await wait_until(lambda: health(x)["failbacks"] == 1, 20, "the move back home")
         took = time.monotonic() - t_up
         assert health(x)["home"] is True and health(x)["server"] == redact(home.url)
-        # Traffic after the move: a few hundred ms more both ways, then stop and settle.
-        n_b, n_a = len(b.got), len(a.got)
-        await wait_until(lambda: len(b.got) > n_b + 30 and len(a.got) > n_a + 30, 10,
-                         "traffic both ways after the move")
-        await a.stop_sending()
-        await b.stop_sending()
-        await wait_until(lambda: a.got[-1] == b.sent - 1 and b.got[-1] == a.sent - 1, 10,
-                         "the last numbers")
+        await finish(a, b)
     bus = health(x)
     window_a, window_b = a.got[mark_a - 1:], b.got[mark_b - 1:]
     print(f"\nmissing, doubled, out of order: alice {contiguous(window_a)}, bob "
@@ -254,13 +258,7 @@ async def test_a_home_cut_off_from_the_mesh_is_not_moved_to(
         home.start()
         await wait_until(lambda: health(x)["failback_aborts"] >= 1, 20, "the move given up")
         assert health(x)["failbacks"] == 0 and health(x)["server"] == redact(away.url)
-        n_b, n_a = len(b.got), len(a.got)
-        await wait_until(lambda: len(b.got) > n_b + 20 and len(a.got) > n_a + 20, 10,
-                         "traffic both ways after")
-        await a.stop_sending()
-        await b.stop_sending()
-        await wait_until(lambda: a.got[-1] == b.sent - 1 and b.got[-1] == a.sent - 1, 10,
-                         "the last numbers")
+        await finish(a, b)
     assert contiguous(a.got[mark_a - 1:]) == (0, 0, 0)
     assert contiguous(b.got[mark_b - 1:]) == (0, 0, 0)
     assert "given up: nothing sent through" in caplog.text
