@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import ipaddress
 import logging
@@ -132,10 +133,17 @@ def ensure_certificate(cert_file: str, key_file: str, cache_dir: Path, domain: s
     names = _names(domain)
     cert_path, key_path = cache_dir / "dev-cert.pem", cache_dir / "dev-key.pem"
     generated = False
-    if not (_still_good(cert_path, names, now) and key_path.exists()):
-        make_dev_certificate(cert_path, key_path, names, now)
-        generated = True
-    return _describe(cert_path, key_path, generated)
+    if _still_good(cert_path, names, now) and key_path.exists():
+        return _describe(cert_path, key_path, generated)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes may renew at once (--workers N: each node's watcher sees the same
+    # expiry): one makes the pair, the others find it good under the lock.
+    with open(cache_dir / ".dev-cert.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (_still_good(cert_path, names, now) and key_path.exists()):
+            make_dev_certificate(cert_path, key_path, names, now)
+            generated = True
+        return _describe(cert_path, key_path, generated)
 
 
 def server_context(info: CertInfo) -> ssl.SSLContext:

@@ -8,6 +8,8 @@ import asyncio
 import datetime as dt
 import json
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -138,3 +140,19 @@ def test_a_generated_dev_certificate_is_renewed_by_the_running_node(tmp_path: Pa
     assert taken == [watcher.info.cert_sha256_hex] and taken[0] != info.cert_sha256_hex
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(watcher.info.cert_file, watcher.info.key_file)  # a matching pair
+
+
+def test_processes_renewing_at_once_leave_one_matching_pair(tmp_path: Path) -> None:
+    """--workers N: every worker's watcher sees the same expiry at the same time."""
+    from node.tls import ensure_certificate
+
+    info = ensure_certificate("", "", tmp_path)
+    later = (info.not_after - dt.timedelta(days=1)).isoformat()
+    code = ("import datetime as dt, sys; from pathlib import Path; "
+            "from node.tls import ensure_certificate; "
+            f"ensure_certificate('', '', Path(sys.argv[1]), now=dt.datetime.fromisoformat({later!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(4)]
+    assert [p.wait(30) for p in procs] == [0] * 4
+    renewed = ensure_certificate("", "", tmp_path)
+    assert renewed.cert_sha256_hex != info.cert_sha256_hex
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(renewed.cert_file, renewed.key_file)
