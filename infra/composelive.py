@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,11 +78,17 @@ def can_run() -> str | None:
         # The build runs with no network, as pip would need it for its isolated build.
         return f"no setuptools wheel on this machine ({', '.join(LOCAL_WHEELS)})"
     probe = f"pcl{os.getpid()}probe"
-    try:
-        subprocess.run(["ip", "netns", "add", probe], check=True, capture_output=True)
-        subprocess.run(["ip", "netns", "del", probe], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        return f"`ip netns add` does not work here: {exc}"
+    with tempfile.TemporaryDirectory() as scratch:
+        # A container's root: an overlay of / in a network namespace's own mount namespace.
+        script = "\n".join([*_overlay(Path(scratch), ""), "test -x " + scratch + "/m/bin/sh"])
+        for what, cmd in (("ip netns add", ["ip", "netns", "add", probe]),
+                          ("an overlay root", ["ip", "netns", "exec", probe, "/bin/sh", "-c",
+                                               script]),
+                          ("ip netns del", ["ip", "netns", "del", probe])):
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+                return f"{what} does not work here: {run.stderr.strip()[:200]}"
     return None
 
 
