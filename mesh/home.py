@@ -123,6 +123,8 @@ class Overlap:
         self.duplicates = 0
         self.full = asyncio.Event()
         self.started = time.monotonic()
+        #: The last subscription made on the new connection (a join during the move).
+        self.last_attach = self.started
 
     def accept(self, sub: Any, conn: Any, msg: Any) -> bool:
         """True: deliver now. False: held (new connection, old not drained) or a copy."""
@@ -387,10 +389,18 @@ class FailBack:
 
     async def _cut(self, overlap: Overlap, old_sf: _Connection, new_sf: _Connection) -> None:
         bus = self.bus
-        rest = OVERLAP - (time.monotonic() - overlap.started)
-        if rest > 0:
+        # OVERLAP after the last subscription made on the new connection (a channel joined
+        # during the move needs its time too), at most 3 x OVERLAP in all.
+        while not overlap.full.is_set():
+            now = time.monotonic()
+            rest = min(OVERLAP - (now - overlap.last_attach),
+                       3 * OVERLAP - (now - overlap.started))
+            if rest <= 0:
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(overlap.full.wait(), rest)
+        with contextlib.suppress(Exception):
+            await new_sf.nc.flush(timeout=2)  # home has every subscription
         bus._sf = new_sf
         old_sf.retired = True
         try:

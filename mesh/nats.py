@@ -441,6 +441,8 @@ class NatsBus(Bus):
                                                cb=functools.partial(sub.on_msg, conn))
         finally:
             sub.moving = False
+        if self._overlap is not None:
+            self._overlap.last_attach = time.monotonic()
         if not sub.active:  # unsubscribed meanwhile
             with contextlib.suppress(Exception):
                 await sub.next.unsubscribe()
