@@ -200,6 +200,10 @@ class Service:
     healthy: bool = False
     stand_in: bool = False
     stopped_in: float | None = None
+    #: time.monotonic() when it was started, first seen healthy, seen exited with 0.
+    started_at: float | None = None
+    healthy_at: float | None = None
+    completed_at: float | None = None
 
 
 class ComposeLive:
@@ -482,6 +486,8 @@ class ComposeLive:
             code = svc.proc.poll()
             if code not in (None, 0):
                 raise RuntimeError(f"{name} exited {code}:\n{self.log_of(name)[-2000:]}")
+            if code == 0 and svc.completed_at is None:
+                svc.completed_at = time.monotonic()
             return code == 0
         if svc.proc.poll() is not None and svc.spec.get("restart") != "no":
             raise RuntimeError(f"{name} exited {svc.proc.returncode}:\n"
@@ -505,11 +511,14 @@ class ComposeLive:
                         d in self.skip or self._ready(d, c.get("condition", "service_started"))
                         for d, c in deps.items()):
                     self._start(svc)
+                    svc.started_at = time.monotonic()
                     next_check[name] = time.monotonic() + parse_duration(
                         svc.health.get("interval"), 30.0)
                 if svc.proc is not None and not svc.healthy and svc.healthcheck and \
                         time.monotonic() >= next_check.get(name, 0):
                     svc.healthy = self._healthcheck(svc)
+                    if svc.healthy:
+                        svc.healthy_at = time.monotonic()
                     # Docker probes every `interval`; to start faster it has start_interval.
                     next_check[name] = time.monotonic() + parse_duration(
                         svc.health.get("interval"), 30.0)

@@ -95,6 +95,17 @@ def test_the_image_runs_only_what_the_dockerfile_copies(compose: ComposeLive) ->
     assert "No module named 'tests'" in run.stderr
 
 
+def test_depends_on_waited_for_healthchecks_and_the_certificate(compose: ComposeLive) -> None:
+    """Each node started only once its region's NATS server passed its own healthcheck
+    (wget /healthz inside the container, every 5 s as the file says) and `certs` exited 0."""
+    certs = compose.services["certs"]
+    for region in REGIONS:
+        node, nats = compose.services[f"prscd-{region}"], compose.services[f"nats-{region}"]
+        assert node.started_at and nats.healthy_at and certs.completed_at
+        assert node.started_at >= max(nats.healthy_at, certs.completed_at)
+        assert nats.healthy_at - (nats.started_at or 0) >= 5  # the first probe: interval
+
+
 async def test_gateways_join_the_three_regions_by_service_name(compose: ComposeLive) -> None:
     for region in REGIONS:
         def joined(region: str = region) -> bool:
