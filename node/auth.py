@@ -58,10 +58,13 @@ log = logging.getLogger("prscd.auth")
 #: Largest webhook answer body read; a larger one is a failure (503), not read in full.
 MAX_REPLY_BYTES = 64 * 1024
 #: Webhook calls in flight at once per node; more wait for a connection within the same
-#: timeout. Look-ups are cached and single-flighted per (key, id), so only a reconnect storm
-#: of distinct peers gets near this: it bounds the node's sockets and its load on the webhook
-#: (64 calls of ~20 ms each are ~3,000 look-ups a second) without queueing a normal burst.
+#: timeout, up to WAITING_PER_CONNECTION times this many look-ups in all: past that a
+#: look-up of another (key, id) is refused at once with 503 (``busy``). Look-ups are cached and
+#: single-flighted per (key, id), so only a reconnect storm of distinct peers gets near
+#: this: it bounds the node's sockets and its load on the webhook (64 calls of ~20 ms each
+#: are ~3,000 look-ups a second).
 MAX_WEBHOOK_CONNECTIONS = 64
+WAITING_PER_CONNECTION = 4
 #: Cached webhook answers kept at most (expired ones are dropped first).
 MAX_CACHE = 10_000
 
@@ -128,6 +131,8 @@ class Webhook:
     ssl_context: ssl.SSLContext | None = None
     calls: int = 0
     failures: int = 0
+    #: Look-ups refused because MAX_WEBHOOK_CONNECTIONS were in flight.
+    busy: int = 0
     _cache: dict[tuple[str, str], tuple[float, Grant | None]] = field(default_factory=dict)
     _inflight: dict[tuple[str, str], asyncio.Future[Grant | None]] = field(
         default_factory=dict)
@@ -153,6 +158,14 @@ class Webhook:
         pending = self._inflight.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
+        if len(self._inflight) >= WAITING_PER_CONNECTION * MAX_WEBHOOK_CONNECTIONS:
+            # A burst queues for a connection; a flood of distinct ids would hold a waiting
+            # handshake each: refused at once (503, the client retries).
+            self.busy += 1
+            log.warning("auth webhook busy: %d look-ups in flight or waiting, refusing (503)",
+                        len(self._inflight))
+            raise AuthUnavailable("auth webhook busy",
+                                  "cannot check the publickey now: try again")
         future: asyncio.Future[Grant | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:

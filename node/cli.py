@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import time
+from typing import Any
 
 from node import __version__
 from node.config import ConfigError, Settings, legacy_warnings, load
@@ -52,12 +53,52 @@ def setup_logging(debug: bool) -> None:
     formatter.converter = time.gmtime  # the "Z" in the timestamps
     handler.setFormatter(formatter)
     handler.addFilter(RedactSecrets())
+    if not debug:
+        handler.addFilter(RepeatLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    # Library chatter (handshake failures from scanners, etc.) only when debugging.
-    for name in ("websockets", "aioquic", "nats", "asyncio"):
+    # Library chatter (handshake failures from scanners, etc.) only when debugging. aioquic
+    # logs under "quic" and "http3" (three INFO lines per QUIC connection), aiohttp one
+    # access line per request.
+    for name in ("websockets", "aioquic", "quic", "http3", "nats", "asyncio", "aiohttp",
+                 "aiohttp.access"):
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+class RepeatLimit(logging.Filter):
+    """Warnings and errors are rate-limited per logger and message template: at most
+    ``burst`` lines each ``interval`` seconds, then one line saying how many were left out
+    (anything a client can cause must not be able to flood the log). DEBUG logs all."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0,
+                 clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.interval, self.clock = burst, interval, clock
+        #: (logger, template) -> [window start, lines in the window, lines left out]
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, str(record.msg)[:200])
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self.interval:
+            if len(self._seen) >= 1000:  # a bounded table: templates, not messages
+                self._seen.clear()
+            left_out = int(seen[2]) if seen is not None else 0
+            self._seen[key] = [now, 1, 0]
+            if left_out:
+                record.msg = f"{record.getMessage()} (and {left_out} like it left out in " \
+                             f"the last {self.interval:g} s)"
+                record.args = None
+            return True
+        if seen[1] < self.burst:
+            seen[1] += 1
+            return True
+        seen[2] += 1
+        return False
 
 
 async def run_node(settings: Settings) -> int:

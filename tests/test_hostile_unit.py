@@ -275,3 +275,48 @@ def test_one_rule_for_ids_channels_and_the_api() -> None:
                 check(bad)
         with pytest.raises(ProtocolError):
             protocol.decode(pack({"t": "control", "op": "peer_online", "c": bad}))
+
+
+# -- (10) logs ------------------------------------------------------------------------------
+
+
+def test_warnings_and_errors_are_rate_limited_per_template() -> None:
+    import logging
+
+    from node.cli import RepeatLimit
+
+    now = [0.0]
+    limit = RepeatLimit(burst=3, interval=10.0, clock=lambda: now[0])
+
+    def record(msg: str, level: int = logging.WARNING, *args: Any) -> logging.LogRecord:
+        return logging.LogRecord("prscd.ws", level, __file__, 1, msg, args, None)
+
+    passed = [limit.filter(record("refused status=%d", logging.WARNING, i)) for i in range(50)]
+    assert passed == [True] * 3 + [False] * 47  # one template, whatever its arguments
+    assert limit.filter(record("another template"))  # others are not held back
+    assert all(limit.filter(record("chatty", logging.INFO)) for _ in range(100))  # INFO is not
+    now[0] = 11.0
+    later = record("refused status=%d", logging.WARNING, 7)
+    assert limit.filter(later)
+    assert later.getMessage() == "refused status=7 (and 47 like it left out in the last 10 s)"
+
+
+def test_library_loggers_are_quiet_unless_debug() -> None:
+    import logging
+
+    from node.cli import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging(False)
+        for name in ("quic", "http3", "websockets", "aiohttp.access", "asyncio"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        setup_logging(True)
+        assert logging.getLogger("quic").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        for name in ("websockets", "aioquic", "quic", "http3", "nats", "asyncio", "aiohttp",
+                     "aiohttp.access"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -83,6 +83,47 @@ class PeerConnection(ServerConnection):
     """
 
     prscd_link: WebSocketLink | None = None
+    #: Set on the listener's subclass: where refused requests are counted.
+    prscd_peers: Peers | None = None
+    #: The request head, held until complete and checked (None once handed on).
+    prscd_head: bytearray | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.prscd_head = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        """Strict HTTP/1.1 before the library sees a byte (it served any method like GET,
+        closed on a body without an answer, and logged a traceback for a request
+        pipelined behind ``Content-Length: 0``): see :func:`head_problem`."""
+        head = self.prscd_head
+        if head is None:
+            super().data_received(data)
+            return
+        head += data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > (http11.MAX_NUM_HEADERS + 1) * (http11.MAX_LINE_LENGTH + 2):
+                self.prscd_head = None  # over the library's own limits: it answers 414/431
+                super().data_received(bytes(head))
+            return
+        self.prscd_head = None
+        problem = head_problem(bytes(head[:end]), extra=len(head) > end + 4)
+        if problem is None:
+            super().data_received(bytes(head))
+            return
+        status, reason = problem
+        if self.prscd_peers is not None:
+            self.prscd_peers.count_drop(f"http_{status}")
+            self.prscd_peers.count_http(status)
+        log.warning("http request refused status=%d reason=%s", status, reason)
+        allow = "Allow: GET, HEAD\r\n" if status == HTTPStatus.METHOD_NOT_ALLOWED else ""
+        body = reason.encode() + b"\n"
+        self.transport.write(
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{allow}Content-Type: text/plain; "
+            f"charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+            f"\r\n".encode() + body)
+        self.transport.close()
 
     def send_data(self) -> None:
         link = self.prscd_link
@@ -110,6 +151,28 @@ class PeerConnection(ServerConnection):
         protocol.parser.close()
         if protocol.parser_exc is not None:
             protocol.parser_exc.__traceback__ = None
+
+
+def head_problem(head: bytes, *, extra: bool) -> tuple[int, str] | None:
+    """Why a request head (up to its blank line) is refused, or None. One request per
+    connection, GET or HEAD, no body: that is all a WebSocket upgrade or a status page
+    needs, and each is answered, never just closed. ``extra``: bytes followed the head
+    before our answer (a pipelined request, or a body)."""
+    line, _, fields = head.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+        return HTTPStatus.BAD_REQUEST, "an HTTP/1.1 request line is expected"
+    if parts[0] not in (b"GET", b"HEAD"):
+        return HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD are served here"
+    for field in fields.split(b"\r\n"):
+        name, _, value = field.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding" or (name == b"content-length"
+                                           and value.strip() != b"0"):
+            return HTTPStatus.BAD_REQUEST, "a request body is not accepted"
+    if extra:
+        return HTTPStatus.BAD_REQUEST, "one request per connection: nothing may follow it"
+    return None
 
 
 class Writer:
@@ -382,12 +445,13 @@ class WebSocketListener:
                 reply = endpoints.route(self.status, path, local=local)
             return _reply(reply.status, reply.body, reply.content_type,
                           {**reply.headers, **self._headers()})
+        if not upgrade or request.method != "GET":
+            # Before admission: only a real upgrade may cost an auth webhook call.
+            return _reply(HTTPStatus.UPGRADE_REQUIRED, b"use WebSocket or WebTransport\n",
+                          "text/plain; charset=utf-8", self._headers())
         admission = await self.peers.admit(query, "websocket")
         if admission.status != HTTPStatus.SWITCHING_PROTOCOLS:
             return _reply(admission.status, admission.reason.encode() + b"\n",
-                          "text/plain; charset=utf-8", self._headers())
-        if not upgrade:
-            return _reply(HTTPStatus.UPGRADE_REQUIRED, b"use WebSocket or WebTransport\n",
                           "text/plain; charset=utf-8", self._headers())
         conn.prscd_admission = admission  # type: ignore[attr-defined]
         return None
@@ -399,6 +463,8 @@ class WebSocketListener:
         for key, value in self._headers().items():
             if key not in response.headers:
                 response.headers[key] = value
+        if request.method == "HEAD":  # the headers of a GET (Content-Length too), no body
+            response.body = b""
 
     async def start(self, ssl: Any) -> list[tuple[str, int]]:
         settings = self.settings
@@ -421,7 +487,9 @@ class WebSocketListener:
             open_timeout=settings.handshake_timeout,
             server_header=f"prscd/{__version__}",
             reuse_port=True,
-            create_connection=PeerConnection,
+            # (A subclass per listener: several nodes may share a process.)
+            create_connection=type("PeerConnection", (PeerConnection,),
+                                   {"prscd_peers": self.peers}),
         )
         return [s.getsockname()[:2] for s in self.server.sockets]
 
