@@ -204,6 +204,9 @@ class Service:
     started_at: float | None = None
     healthy_at: float | None = None
     completed_at: float | None = None
+    #: Its root (a directory per run: a one-shot service may be run again).
+    root: Path = Path("/")
+    runs: int = 0
 
 
 class ComposeLive:
@@ -369,7 +372,8 @@ class ComposeLive:
             svc.env = {"PATH": os.environ.get("PATH", IMAGE_PATH), "PYTHONPATH": str(ROOT),
                        **env}
             return "set -e"
-        root = self.work / "roots" / svc.name
+        svc.runs += 1
+        svc.root = root = self.work / "roots" / svc.name / str(svc.runs)
         root.mkdir(parents=True)
         m = root / "m"
         lines = _overlay(root, self.hosts)
@@ -415,7 +419,7 @@ class ComposeLive:
         return "\n".join(lines)
 
     def _exec_line(self, svc: Service) -> str:
-        m = self.work / "roots" / svc.name / "m"
+        m = svc.root / "m"
         envs = " ".join(shlex.quote(f"{k}={v}") for k, v in svc.env.items())
         argv = shlex.join(svc.argv)
         if svc.stand_in:
@@ -441,8 +445,7 @@ class ComposeLive:
         if svc.stand_in:
             return True
         try:
-            return os.readlink(f"/proc/{svc.proc.pid}/root") == str(
-                self.work / "roots" / svc.name / "m")
+            return os.readlink(f"/proc/{svc.proc.pid}/root") == str(svc.root / "m")
         except OSError:
             return False
 
@@ -529,6 +532,16 @@ class ComposeLive:
                 waiting = [n for n, s in self.services.items() if s.proc is None]
                 raise RuntimeError(f"services never started: {waiting}")
             time.sleep(0.05)
+
+    def run_again(self, name: str, timeout: float = 30.0) -> str:
+        """What a later `docker compose up` does to a one-shot service that exited: run it
+        again in a fresh container; returns its output."""
+        svc = self.services[name]
+        assert svc.proc is not None and svc.proc.poll() == 0, f"{name} has not completed"
+        self._start(svc)
+        assert svc.proc is not None
+        assert svc.proc.wait(timeout) == 0, self.log_of(name)
+        return self.log_of(name)
 
     def wait_healthy(self, names: list[str], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

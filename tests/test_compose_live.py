@@ -12,6 +12,7 @@ grafana: they only read the nodes) are skipped, each named in the skip reason li
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import sys
@@ -22,10 +23,13 @@ from typing import Any
 
 import msgpack
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from websockets.asyncio.client import ClientConnection, connect
 
 from infra.composefile import load_yaml
 from infra.composelive import ComposeLive, can_run
+from node.tls import DEV_NAMES, make_dev_certificate
 from testkit.frames import control, data_frame
 from tests.helpers import get, insecure, join_frame, recv
 from tests.mesh_helpers import wait_until
@@ -211,6 +215,40 @@ async def test_spans_of_one_message_from_two_regions_share_a_trace(compose: Comp
 
     # The nodes export in batches (every 5 s by default).
     await wait_until(one_trace, timeout=20)
+
+
+async def test_a_renewed_certificate_reaches_the_running_nodes(compose: ComposeLive) -> None:
+    """Issue 16 (3): after 13 days the shared pair has one day left; a later `up` runs
+    `certs` again, which renews it; every node serves the new one, without a restart, on
+    TCP (/cert-hash) and over QUIC (the published UDP port)."""
+    volume = compose.volumes["prscd-certs"]
+    cert, key = volume / "dev-cert.pem", volume / "dev-key.pem"
+    owner = volume.stat()
+    make_dev_certificate(cert, key, DEV_NAMES, dt.datetime.now(dt.UTC) - dt.timedelta(days=13))
+    for path in (cert, key):
+        os.chown(path, owner.st_uid, owner.st_gid)
+
+    async def served_everywhere(expected: str) -> bool:
+        for region in REGIONS:
+            url = f"https://127.0.0.1:{port(compose, f'prscd-{region}', 'tcp')}/cert-hash"
+            if json.loads((await get(url))[2])["value"] != expected:
+                return False
+        return True
+
+    await wait_until(lambda: served_everywhere(file_hash(cert)), timeout=15)
+    log = await asyncio.to_thread(compose.run_again, "certs")
+    assert "generated=True" in log, log
+    renewed = file_hash(cert)
+    await wait_until(lambda: served_everywhere(renewed), timeout=15)
+    for region in REGIONS:
+        async with wt_connect(port(compose, f"prscd-{region}", "udp")) as client:
+            served = client._quic.tls._peer_certificate  # what the server sent
+            assert served is not None and served.fingerprint(hashes.SHA256()).hex() == renewed
+    assert "certificate reloaded" in compose.log_of("prscd-eu-west")
+
+
+def file_hash(path: Path) -> str:
+    return x509.load_pem_x509_certificate(path.read_bytes()).fingerprint(hashes.SHA256()).hex()
 
 
 def test_down_stops_every_service_within_its_grace_period(compose: ComposeLive) -> None:
