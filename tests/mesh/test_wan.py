@@ -13,7 +13,7 @@ import asyncio
 import random
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,7 +101,7 @@ async def test_proxy_delays_by_the_link_and_never_reorders(sink: Sink) -> None:
     delays = sorted((arrived - sent) * 1000 for _, sent, arrived in sink.records)
     # 90 ms one way, -10 ms jitter at least; a busy machine adds, never subtracts.
     assert delays[0] >= 79.5, delays[:5]
-    assert 80 <= delays[len(delays) // 2] <= 140, delays
+    assert 80 <= delays[len(delays) // 2] <= 250, delays
     c = proxies.stats()["links"]["us-east->ap-south"]["directions"]["us-east->ap-south"]
     assert c["bytes"] == 150 * STAMP.size and c["stalled_chunks"] == 0
 
@@ -141,7 +141,7 @@ async def test_settings_swap_applies_to_new_chunks(sink: Sink) -> None:
 
 
 @pytest.fixture
-def wan_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+def wan_cluster(tmp_path: Path) -> Iterator[Cluster]:
     from tests.mesh_helpers import free_port_block
 
     ports = cluster_ports()
@@ -149,7 +149,7 @@ def wan_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     c = Cluster(tmp_path / "wan", ports, wan=WanConfig())
     c.up()
     try:
-        yield c  # type: ignore[misc]
+        yield c
     finally:
         c.down()
 
