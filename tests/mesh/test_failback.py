@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from mesh.home import HomeWatch, Overlap, probe
 from mesh.nats import redact
 from tests.conftest import NodeFactory, RunningNode
-from tests.helpers import data_frame, get, insecure, join_frame, joined
+from tests.helpers import data_frame, get, insecure, join_frame, joined, peer
 from tests.mesh.conftest import NatsFactory
 from tests.mesh_helpers import NatsServer, free_port, http_json, wait_until
 
@@ -68,11 +68,22 @@ class Counting:
         self.got: list[int] = []
         self.by: dict[str, list[int]] = {}  # the numbers by sender
         self.took: list[float] = []
+        self.acked = asyncio.Event()
         self._tasks = [asyncio.create_task(self._read())]
+
+    @classmethod
+    async def join(cls, node: RunningNode, channel: str, name: str) -> Counting:
+        """Join reading from the start: another region's events may come before the ack."""
+        self = cls(await peer(node, name), name, channel)
+        await self.ws.send(join_frame(channel, name))
+        await asyncio.wait_for(self.acked.wait(), 5)
+        return self
 
     async def _read(self) -> None:
         async for raw in self.ws:
             frame = msgpack.unpackb(raw)
+            if frame.get("op") == "channel_join":
+                self.acked.set()
             if frame.get("t") == "data":
                 body = msgpack.unpackb(frame["pl"])
                 if body.get("event") == "n":
@@ -153,7 +164,7 @@ async def test_node_moves_away_keeps_serving_and_moves_back_without_loss(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="prscd.mesh.nats")
     async with two_regions(node_factory, nats_factory, tmp_path, after=1.0) as (
-            home, away, x, _y, a, b):
+            home, away, x, y, a, b):
         assert health(x)["home"] is True and health(x)["server"] == redact(home.url)
         a.start()
         b.start()
@@ -166,16 +177,27 @@ async def test_node_moves_away_keeps_serving_and_moves_back_without_loss(
                          "traffic both ways while away")
         # From here on nothing may be lost or doubled: the move back is make-before-break.
         mark_a, mark_b = len(a.got), len(b.got)
+        erin = Counting(await joined(y, "late", "erin"), "erin", "late")
+        erin.start()
         t_up = time.monotonic()
         home.start()
+        # A channel joined while the node is moving: its events from the other region too.
+        await wait_until(lambda: x.node.bus.failback.moving, 20, "the move to begin")
+        dave = await Counting.join(x, "late", "dave")
         await wait_until(lambda: health(x)["failbacks"] == 1, 20, "the move back home")
         took = time.monotonic() - t_up
         assert health(x)["home"] is True and health(x)["server"] == redact(home.url)
         await finish(a, b)
+        await erin.stop_sending()
+        await wait_until(lambda: dave.got and dave.got[-1] == erin.sent - 1, 10, "erin's last")
+        await dave.close()
+        await erin.close()
+    assert contiguous(dave.got) == (0, 0, 0), dave.got
     bus = health(x)
     window_a, window_b = a.got[mark_a - 1:], b.got[mark_b - 1:]
     print(f"\nmissing, doubled, out of order: alice {contiguous(window_a)}, bob "
-          f"{contiguous(window_b)}")
+          f"{contiguous(window_b)}, dave (joined during the move; {len(dave.got)} numbers) "
+          f"{contiguous(dave.got)}")
     print(f"\nmoved back {took:.2f}s after home restarted (NATS_FAILBACK_AFTER=1 x "
           f"{bus['failback_after_s']:.2f}s); across it alice got {len(window_a)} of bob's, "
           f"bob {len(window_b)} of alice's; copies dropped {bus['copies_dropped']}")
