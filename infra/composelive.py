@@ -413,8 +413,9 @@ class ComposeLive:
                 self.volumes[src] = self.work / "volumes" / src
                 self.volumes[src].mkdir(parents=True)
                 # A new named volume takes the image directory's owner (and content).
-                lines.append(f"[ ! -d {m}{dest} ] || {{ cp -a {m}{dest}/. {self.volumes[src]}/"
-                             f" && chown --reference={m}{dest} {self.volumes[src]}; }}")
+                image_dir, vol = shlex.quote(f"{m}{dest}"), shlex.quote(str(self.volumes[src]))
+                lines.append(f"[ ! -d {image_dir} ] || {{ cp -a {image_dir}/. {vol}/"
+                             f" && chown --reference={image_dir} {vol}; }}")
             lines += _bind(m, self.volumes[src], dest, ro)
         return "\n".join(lines)
 
