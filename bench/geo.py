@@ -68,6 +68,10 @@ def summary(xs: list[float]) -> dict[str, Any]:
             "max_ms": _r(max(xs) if xs else None)}
 
 
+def _signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.2f}"
+
+
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
@@ -392,7 +396,8 @@ class Geo:
                     for m in observers if listed[m.cid]}
         by_region = {r: max((v for k, v in peers_ms.items() if f"-{r}-" in k), default=None)
                      for r in others}
-        bound = {r: (timeout + self.wan.delay_ms(region, r) / 1000 + 1) * 1000 for r in others}
+        bound = {r: round((timeout + self.wan.delay_ms(region, r) / 1000 + 1) * 1000)
+                 for r in others}
         return {
             "killed": region, "node_timeout_s": timeout, "heartbeat_interval_s": interval,
             "node_declared_ms": {r: _r(v) for r, v in node_ms.items()},
@@ -539,7 +544,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"{pooled['raw']['p50_ms']} / {pooled['raw']['p99_ms']} ms (raw NATS, "
                      f"same proxies; noise {pooled['noise'].get('overhead_p50_ms')} / "
                      f"{pooled['noise'].get('overhead_p99_ms')} ms)",
-                     f"+{pooled.get('overhead_p50_ms')} / +{o99} ms",
+                     f"{_signed(pooled.get('overhead_p50_ms'))} / {_signed(o99)} ms",
                      f"p99 < 5 ms ({ok})" if phase == "steady" else "-"))
         j, c = p["newcomer_seen"]["every_member"], p["cursor"]
         rows.append((f"{label}: every member lists a newcomer, p50 / max; cursor messages lost",
