@@ -4,11 +4,12 @@
 // stdout: one event object per line, e.g. {"ev":"ok","req":2} or {"ev":"peers",...}
 // stderr: free-form logs (the client's console output is redirected here).
 //
-// Commands: connect {url, publickey, id, debug?}, join {channel, state?},
+// Commands: connect {url, publickey, id, debug?, rejoin?}, join {channel, state?},
 //   subscribe {channel, event}, broadcast {channel, event, data}, leave {channel},
 //   unload (dispatch `beforeunload`, as a closing browser tab does),
 //   disconnect {code?, reason?} (close the current WebSocket cleanly), exit.
-// Events: ready, ok, error, status, peers, data, ws_open, ws_close, ws_rejected, ws_error.
+// Events: ready, ok, error, status, peers, data, ws_open, ws_close, ws_rejected, ws_error,
+//   rejoined (rejoin: the app pattern of docs/presence.md, joining again on `open`).
 
 import { Console } from 'node:console';
 import { createInterface } from 'node:readline';
@@ -87,7 +88,7 @@ let presence = null;
 /** @type {number | null} req of the connect command still waiting for its reply */
 let connectReq = null;
 
-/** @typedef {{channel: any, unsubs: Function[], left: boolean}} Joined */
+/** @typedef {{channel: any, unsubs: Function[], left: boolean, state: any}} Joined */
 /** @type {Map<string, Joined>} */
 const channels = new Map();
 
@@ -113,13 +114,25 @@ function joined(name, evenIfLeft = false) {
 
 /** @type {Record<string, (cmd: any) => Promise<void> | void>} */
 const handlers = {
-  async connect({ req, url, publickey, id, debug = false }) {
+  async connect({ req, url, publickey, id, debug = false, rejoin = false }) {
     if (presence || connectReq !== null) throw new Error('already connected');
     connectReq = req ?? 0;
     const p = await createPresence(url, { publicKey: publickey, id, debug, autoDowngrade: true });
     presence = p;
     for (const status of ['open', 'closed', 'connecting']) {
       p.on(status, (/** @type {any} */ s) => emit({ ev: 'status', status: s.status, details: s.details }));
+    }
+    if (rejoin) {
+      // The client never joins its channels again after a reconnect: the app does.
+      p.on('open', async () => {
+        for (const [name, j] of channels) {
+          if (j.left) continue;
+          for (const unsub of j.unsubs) unsub();
+          channels.delete(name);
+          await handlers.join({ channel: name, state: j.state });
+          emit({ ev: 'rejoined', channel: name });
+        }
+      });
     }
     emit({ ev: 'status', status: 'open', details: 'createPresence resolved' });
     if (connectReq === null) return 'replied';
@@ -146,7 +159,7 @@ const handlers = {
       Map.prototype.set = origSet;
     }
     /** @type {Joined} */
-    const j = { channel: null, unsubs: [], left: false };
+    const j = { channel: null, unsubs: [], left: false, state };
     const attach = (/** @type {any} */ ch) => {
       j.channel = ch;
       j.unsubs.push(ch.subscribePeers((/** @type {any[]} */ peers) => emit({ ev: 'peers', channel: name, peers })));

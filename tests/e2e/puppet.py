@@ -147,18 +147,22 @@ class Puppet:
     # -- commands -------------------------------------------------------------------
 
     async def connect(
-        self, url: str, publickey: str, id: str, *, debug: bool = False, timeout: float = 10.0
+        self, url: str, publickey: str, id: str, *, debug: bool = False, timeout: float = 10.0,
+        rejoin: bool = False,
     ) -> None:
         """createPresence(url, {publicKey, id, autoDowngrade: true}); returns once open.
 
         Raises PuppetRejected if the handshake got an HTTP error status, PuppetCommandError
         if the socket closed before opening. The client itself keeps retrying either way.
+        ``rejoin``: join every channel again on each later `open` (an "rejoined" event each),
+        as docs/presence.md tells apps to.
         """
         if self.name.startswith("puppet-"):
             self.name = id
         try:
             await self._request(
-                "connect", timeout, url=url, publickey=publickey, id=id, debug=debug
+                "connect", timeout, url=url, publickey=publickey, id=id, debug=debug,
+                rejoin=rejoin,
             )
         except PuppetCommandError as e:
             if "status" in e.reply:

@@ -37,6 +37,7 @@ class SilentProxy:
         self.silent = False
         self.server: asyncio.Server | None = None
         self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
 
     async def start(self) -> SilentProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -45,6 +46,7 @@ class SilentProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, up_writer]
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
@@ -56,6 +58,13 @@ class SilentProxy:
                 dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        """The network is back: the connections it held die (RST), new ones go through."""
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+        self.silent = False
 
     async def close(self) -> None:
         if self.server is not None:
@@ -167,6 +176,33 @@ async def test_a_peer_back_within_the_grace_period_never_flickers(
         await again.close()
         with contextlib.suppress(Exception):
             await first.close()
+
+
+async def test_a_real_client_that_rejoins_on_open_never_leaves_the_member_list(
+        node_factory: NodeFactory, nats_server: NatsServer, make_puppet: Any) -> None:
+    """The app pattern of docs/presence.md: the client reconnects by itself (WebSocket),
+    the app joins again on `open`; back within PRESENCE_GRACE, the other region's member
+    list holds alice at every step."""
+    a, b = await two_nodes(node_factory, nats_server)
+    alice, bob = await make_puppet("alice"), await make_puppet("bob")
+    async with proxy_to(a) as proxy:
+        await alice.connect(f"https://127.0.0.1:{proxy.port}/v1", "key", "alice", rejoin=True)
+        await alice.join("room", {"name": "Alice"})
+        await bob.connect(b.url, "key", "bob")
+        await bob.join("room", {"name": "Bob"})
+        await bob.wait_peers("room", {"alice"})
+        mark = bob.mark()
+        proxy.silent = True
+        await wait_until(lambda: a.node.grace_counts["held"] == 1, 6, "alice held")
+        proxy.cut()  # her socket dies: the client reconnects, the app joins again
+        await alice.wait_event(lambda e: e["ev"] == "rejoined", timeout=5)
+        await wait_until(lambda: a.node.grace_counts["returned"] == 1, 3, "alice back")
+        await asyncio.sleep(2.0)  # past the grace period: a release would show now
+        lists = [{str(p.get("id")) for p in e["peers"]} for e in bob.events[mark:]
+                 if e["ev"] == "peers" and e.get("channel") == "room"]
+        assert all("alice" in ids for ids in lists), lists
+        assert a.node.grace_counts["released"] == 0
+        assert bob.peer_ids("room") == {"alice"}
 
 
 async def test_a_clean_close_is_offline_at_once(node_factory: NodeFactory,
