@@ -280,9 +280,14 @@ class Cluster:
         if self.wan is not None:
             # Advertise the proxy: gossiped gateway URLs must not bypass the delay.
             config = self.dir / "region-wan.conf"
-            config.write_text(CONFIG.read_text().replace(
+            text = CONFIG.read_text().replace(
                 "listen: $NATS_GATEWAY_LISTEN",
-                "listen: $NATS_GATEWAY_LISTEN\n  advertise: $NATS_GATEWAY_ADVERTISE"))
+                "listen: $NATS_GATEWAY_LISTEN\n  advertise: $NATS_GATEWAY_ADVERTISE")
+            if not config.exists() or config.read_text() != text:
+                # Replaced whole: a server starting meanwhile must never read half a file.
+                tmp = config.with_name(config.name + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, config)
             env["NATS_GATEWAY_ADVERTISE"] = f"127.0.0.1:{self.gateway_proxy_port(region)}"
         pid_file = self.dir / f"nats-{region}.pid"
         cmd = [nats_server_bin(), "-c", str(config), "-P", str(pid_file)]
