@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import re
 import signal
@@ -109,6 +110,14 @@ async def run_node(settings: Settings) -> int:
     # A .env brought from the Go prscd would otherwise give a lone node without a word.
     for line in legacy_warnings(settings.extra):
         log.warning("%s", line)
+    from node.transports.handshakes import fit_open_files
+
+    connections, handshakes, fitted = fit_open_files(settings.max_connections,
+                                                     settings.max_handshakes)
+    if fitted:  # answer 503 before accept() fails for want of descriptors
+        log.warning("%s", fitted)
+        settings = dataclasses.replace(settings, max_connections=connections,
+                                       max_handshakes=handshakes)
     cert = None
     if settings.tls:
         cert = ensure_certificate(settings.cert_file, settings.key_file,

@@ -189,6 +189,9 @@ class Settings:
                               "Connections per node process, more get HTTP 503; 0 = no limit.")
     handshake_timeout: float = _S("limits", "HANDSHAKE_TIMEOUT", "positive", 10.0,
                                   "Seconds for TLS, then for the upgrade or WebTransport session.")
+    max_handshakes: int = _S("limits", "MAX_HANDSHAKES", "int", 1000,
+                             "Connections in their handshake at once (TLS or request not done, "
+                             "QUIC without a session); more are closed at once; 0 = no limit.")
     http_max_line: int = _S("limits", "HTTP_MAX_LINE", "int", 8192,
                             "Longest HTTP request or header line in bytes (414 / 431).")
     http_max_headers: int = _S("limits", "HTTP_MAX_HEADERS", "int", 64,

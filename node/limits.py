@@ -156,9 +156,12 @@ class Guard:
 
     # -- connections -------------------------------------------------------------------
 
-    def admit(self) -> str:
-        """Why a new connection must be refused (HTTP 503), or ``""``."""
-        if self.max_connections and len(self.presence.peers) >= self.max_connections:
+    def admit(self, handshakes: int = 0) -> str:
+        """Why a new connection must be refused (HTTP 503), or ``""``. ``handshakes``:
+        connections still in their handshake, this one included; they count too (each holds
+        a socket and tens of KiB before it is a peer)."""
+        if self.max_connections and (len(self.presence.peers) + max(handshakes - 1, 0)
+                                     >= self.max_connections):
             return f"node full: {self.max_connections} connections"
         return ""
 

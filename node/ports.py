@@ -81,6 +81,12 @@ class Peers(Protocol):
         """An HTTP answer went out on the node's port (/metrics counts them by status)."""
         ...
 
+    def handshaking(self, transport: str, delta: int) -> None:
+        """Connections of ``transport`` still in their handshake (TCP before TLS or before
+        the request, QUIC without a session) changed by ``delta``: they count toward
+        MAX_CONNECTIONS."""
+        ...
+
     def ping_rtt(self, peer: Peer, seconds: float) -> None:
         """A keepalive round trip of ``peer`` (for the RTT histogram)."""
         ...

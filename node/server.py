@@ -17,7 +17,9 @@ import itertools
 import logging
 import resource
 import time
+from collections import Counter
 from http import HTTPStatus
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from mesh.bridge import TAG_BACKEND, TAG_PEER, MeshEvent, Source, StreamFunction
@@ -68,6 +70,8 @@ class Node:
                          data_ratio=settings.trace_data_ratio)
         self.presence = Presence(settings.mesh_id, dedupe_state=settings.dedupe_peer_state)
         self.guard = Guard(settings, self.presence)
+        #: Connections in their handshake, per transport (counted toward MAX_CONNECTIONS).
+        self.handshakes: Counter[str] = Counter()
         #: sid -> the transport's link to that peer; a peer is open while it is here.
         self.links: dict[str, Link] = {}
         self.source = Source(bus, settings.mesh_id, node_id, settings.sndr_name)
@@ -102,8 +106,10 @@ class Node:
         self.admin: AdminView | None = None
         #: /metrics (node/metrics.py): read at scrape time; histograms unless METRICS=false.
         self.metrics = NodeMetrics(self, histograms=settings.metrics)
-        if self.metrics.publish is not None:
+        # Timed on a real bus only: the embedded bus's publish is a local function call.
+        if self.metrics.publish is not None and bus.kind != "embedded":
             self.source.timer = self.metrics.publish.observe
+        self._timed = settings.metrics  # frames go through the histograms
 
     @property
     def mesh_id(self) -> str:
@@ -124,7 +130,7 @@ class Node:
             return Admission(HTTPStatus.BAD_REQUEST, f"bad id: {exc}")
         if self.draining:
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "node is draining")
-        if full := self.guard.admit():
+        if full := self.guard.admit(sum(self.handshakes.values())):
             self.count_drop("connection_limit")
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, full)
         try:
@@ -156,7 +162,7 @@ class Node:
         return peer
 
     async def receive(self, peer: Peer, frame: bytes) -> None:
-        started = time.perf_counter() if self.metrics.frame is not None else 0.0
+        started = perf_counter() if self._timed else 0.0
         if peer.sid not in self.links:
             self.count_drop("after_close")  # closed already; the connection is closing
             return
@@ -189,7 +195,7 @@ class Node:
         with self.hops.receive(peer, sig, len(frame)):
             await self._execute(self.hops.handle(self.presence.handle, peer, sig))
         if started:
-            self.metrics.handled(sig, time.perf_counter() - started)
+            self.metrics.handled(sig, perf_counter() - started)
 
     def fault(self, peer: Peer, fault: Fault, reason: str) -> None:
         self._close_soon(Close(peer, fault, reason))
@@ -211,6 +217,9 @@ class Node:
 
     def count_http(self, status: int) -> None:
         self.metrics.http[status] += 1
+
+    def handshaking(self, transport: str, delta: int) -> None:
+        self.handshakes[transport] += delta
 
     def ping_rtt(self, peer: Peer, seconds: float) -> None:
         self.metrics.ping_rtt(peer.transport, seconds)
@@ -394,6 +403,7 @@ class Node:
             "node_id": self.node_id,
             "uptime_s": round(time.monotonic() - self.started_at, 1),
             "peers": len(self.links),
+            "handshakes": dict(self.handshakes),
             "channels": self.presence.channel_count(),
             "realms": len(self.presence.realms),
             "bus": {"kind": self.bus.kind, "state": self.bus.state, **self.bus.where()},

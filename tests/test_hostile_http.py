@@ -5,8 +5,14 @@ answer and counter, and the node keeps serving /health and its peers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import resource
 import socket
+import ssl
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +21,17 @@ from websockets.exceptions import InvalidStatus
 
 import node.auth
 from tests.conftest import NodeFactory
-from tests.helpers import get, insecure, joined, still_served
+from tests.helpers import (
+    barrier,
+    data_frame,
+    get,
+    http_get,
+    insecure,
+    join_frame,
+    joined,
+    recv,
+    still_served,
+)
 from tests.test_auth import HookServer
 
 # -- (9) strict, quiet HTTP/1.1 ---------------------------------------------------------------
@@ -139,3 +155,191 @@ async def test_concurrent_webhook_look_ups_are_capped_with_503(
     finally:
         gate.set()
         hook.server.close()  # type: ignore[union-attr]
+
+
+# -- (7) half-open connections count --------------------------------------------------------
+
+
+def _tls_only(port: int) -> ssl.SSLSocket:
+    """TLS done, no request: a connection in its handshake."""
+    return insecure().wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                  server_hostname="x")
+
+
+def _closed_by_server(sock: socket.socket, within: float) -> bool:
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, ssl.SSLError, OSError) as exc:
+        return not isinstance(exc, TimeoutError)
+
+
+async def test_connections_in_their_handshake_count_and_have_their_own_bound(
+        node_factory: NodeFactory) -> None:
+    running = await node_factory(MAX_CONNECTIONS="5", MAX_HANDSHAKES="4",
+                                 HANDSHAKE_TIMEOUT="30")
+    node_ = running.node
+    a = await joined(running, "room", "a")
+    b = await joined(running, "room", "b")
+    # Before TLS a connection is not counted (only its timeout bounds it): see
+    # node/transports/handshakes.py for why.
+    raw_tcp = socket.create_connection(("127.0.0.1", running.port))
+    tls = [await asyncio.to_thread(_tls_only, running.port) for _ in range(3)]
+    await wait_for(lambda: node_.handshakes["websocket"] == 3)
+    # Two peers and three handshakes: one more connection would pass MAX_CONNECTIONS.
+    try:
+        await connect(running.ws_url("k", "c"), ssl=insecure())
+        raise AssertionError("admitted")
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 503
+        assert exc.response.body == b"node full: 5 connections\n"
+    # Over MAX_HANDSHAKES (a fifth): the oldest is closed, counted.
+    fourth = await asyncio.to_thread(_tls_only, running.port)
+    await wait_for(lambda: node_.handshakes["websocket"] == 4)
+    extra = await asyncio.to_thread(_tls_only, running.port)
+    assert await asyncio.to_thread(_closed_by_server, tls[0], 5)
+    assert node_.presence.dropped["handshake_limit"] == 1
+    assert node_.handshakes["websocket"] == 4
+    for sock in (raw_tcp, *tls, fourth, extra):
+        sock.close()
+    await wait_for(lambda: node_.handshakes["websocket"] == 0)
+    c = await joined(running, "room", "c")  # room again once they are gone
+    await barrier(a, b, "room")
+    await c.close()
+
+
+async def wait_for(condition: Any, timeout: float = 5.0) -> None:
+    from tests.mesh_helpers import wait_until
+
+    await wait_until(condition, timeout, "the condition")
+
+
+# -- (8) the open-files limit --------------------------------------------------------------
+
+
+def _start_with_files_limit(tmp_path: Path, limit: int, env: dict[str, str]) -> Any:
+    """bench.procs.start_node, with the open-files limit set (soft and hard) before exec."""
+    import subprocess
+
+    from bench import procs
+
+    port = procs.free_port()
+    run = tmp_path / "run"  # (removed by Server.stop; the log stays)
+    run.mkdir()
+    full_env = {k: v for k, v in os.environ.items() if k not in procs._NODE_KEYS}
+    full_env.update({"PORT": str(port), "HOST": "127.0.0.1", "TLS": "false",
+                     "PID_FILE": str(run / "prscd.pid"), "CERT_CACHE_DIR": str(run), **env})
+    log_path = tmp_path / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*procs.prscd_command(), "--env-file", os.devnull], env=full_env, stdout=log,
+            stderr=subprocess.STDOUT, cwd=run,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    procs._wait_listening(proc, port, log_path)
+    return procs.Server("prscd", proc, port, False, log_path, run)
+
+
+async def test_at_the_open_files_limit_the_node_refuses_in_time_and_keeps_serving(
+        tmp_path: Path) -> None:
+    """A node whose open-files limit (160) cannot hold MAX_CONNECTIONS lowers its limits to
+    fit at start-up (one warning), so a flood of connections that never send a request is
+    closed as it comes (handshake_limit) instead of making accept() fail: /health answers
+    during the flood, peers connected before keep talking, no traceback."""
+    srv = _start_with_files_limit(tmp_path, 160, {"WEBTRANSPORT": "false",
+                                                  "HANDSHAKE_TIMEOUT": "60"})
+    junk: list[socket.socket] = []
+    try:
+        base = f"ws://127.0.0.1:{srv.port}/v1?publickey=k&id="
+        a = await connect(base + "a")
+        b = await connect(base + "b")
+        for ws, who in ((a, "a"), (b, "b")):
+            await ws.send(join_frame("room", who))
+            assert (await recv(ws))["op"] == "channel_join"
+        for _ in range(300):  # more than the limit allows open at once
+            junk.append(socket.create_connection(("127.0.0.1", srv.port)))
+        for i in range(5):  # peers connected before are served meanwhile
+            await a.send(data_frame("room", "m", str(i)))
+            while (await recv(b, 5))["t"] != "data":
+                pass
+        started = time.monotonic()
+        health = await asyncio.to_thread(_health_within, srv.port, 5.0)
+        assert time.monotonic() - started < 2.0
+        assert health["dropped"]["handshake_limit"] >= 100, health
+        await a.close()
+        await b.close()
+    finally:
+        for sock in junk:
+            sock.close()
+        srv.stop()
+    log_text = srv.log_path.read_text()
+    assert "Traceback" not in log_text and "exc=" not in log_text, log_text[-3000:]
+    assert log_text.count("open files limit 160 (hard 160): MAX_CONNECTIONS lowered to") == 1
+
+
+def test_accept_failures_are_counted_logged_once_and_shed_handshakes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The backstop when accept() fails anyway (a flood before TLS, which is not counted):
+    asyncio's report (a traceback every second) becomes a counter and one line per
+    interval, and the oldest handshakes are closed to free descriptors."""
+    import errno as errno_
+
+    from node.transports.handshakes import AcceptErrors, Handshakes
+
+    class Peers:
+        def __init__(self) -> None:
+            self.dropped: dict[str, int] = {}
+
+        def count_drop(self, reason: str, n: int = 1) -> None:
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+        def handshaking(self, transport: str, delta: int) -> None:
+            pass
+
+    class Conn:
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    async def run() -> None:
+        peers: Any = Peers()
+        handshakes = Handshakes(peers, "websocket", 0, 60)
+        conns = [Conn() for _ in range(8)]
+        for conn in conns:
+            handshakes.began(conn)
+            handshakes.closable(conn, conn.close)
+        listening = socket.socket()
+        errors = AcceptErrors(peers, handshakes)
+        errors.install([listening])
+        loop = asyncio.get_running_loop()
+        try:
+            for _ in range(5):
+                loop.call_exception_handler({
+                    "message": "socket.accept() out of system resource",
+                    "exception": OSError(errno_.EMFILE, "Too many open files"),
+                    "socket": listening})
+        finally:
+            loop.set_exception_handler(None)
+            listening.close()
+        assert peers.dropped["accept_failed"] == 5
+        assert [c.closed for c in conns[:2]] == [True, True]  # the oldest first
+        assert peers.dropped["handshake_shed"] >= 5
+
+    caplog.set_level(logging.DEBUG)
+    asyncio.run(run())
+    lines = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _health_within(port: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, _, body = http_get(f"http://127.0.0.1:{port}/health", timeout=1.0)
+            if status == 200:
+                return json.loads(body)
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("/health did not answer")

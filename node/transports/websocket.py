@@ -44,6 +44,7 @@ from node import __version__, endpoints
 from node.config import Settings
 from node.ports import Admission, Peers, Status
 from node.protocol import Fault, split_target
+from node.transports.handshakes import AcceptErrors, Handshakes
 
 if TYPE_CHECKING:
     from node.presence import Peer
@@ -87,10 +88,18 @@ class PeerConnection(ServerConnection):
     prscd_peers: Peers | None = None
     #: The request head, held until complete and checked (None once handed on).
     prscd_head: bytearray | None = None
+    #: Set on the listener's subclass: its connections in their handshake.
+    prscd_handshakes: Handshakes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # After TLS: asyncio never tells the protocol of a TLS handshake that failed (its
+        # end is seen only by the garbage collector), so a connection is counted from here.
         super().connection_made(transport)
         self.prscd_head = bytearray()
+        handshakes = self.prscd_handshakes
+        if handshakes is not None:
+            handshakes.began(self)
+            handshakes.closable(self, self.transport.abort)  # (over MAX_HANDSHAKES: the oldest)
 
     def data_received(self, data: bytes) -> None:
         """Strict HTTP/1.1 before the library sees a byte (it served any method like GET,
@@ -137,6 +146,8 @@ class PeerConnection(ServerConnection):
             link.library_wrote()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.prscd_handshakes is not None:
+            self.prscd_handshakes.ended(self)
         link = self.prscd_link
         if link is not None:
             link.closing = True
@@ -428,6 +439,9 @@ class WebSocketListener:
         self.writer = Writer(peers)
         self.writer.abort_over = 2 * settings.write_buffer_limit
         self.keepalive = Keepalive(peers, settings.ping_interval, settings.ping_timeout)
+        self.handshakes = Handshakes(peers, "websocket", settings.max_handshakes,
+                                     settings.handshake_timeout)
+        self.accept_errors = AcceptErrors(peers, self.handshakes)
 
     def _headers(self) -> dict[str, str]:
         return {"X-Prscd-MeshID": self.settings.mesh_id, "X-Prscd-Version": __version__}
@@ -489,8 +503,10 @@ class WebSocketListener:
             reuse_port=True,
             # (A subclass per listener: several nodes may share a process.)
             create_connection=type("PeerConnection", (PeerConnection,),
-                                   {"prscd_peers": self.peers}),
+                                   {"prscd_peers": self.peers,
+                                    "prscd_handshakes": self.handshakes}),
         )
+        self.accept_errors.install(self.server.sockets)
         return [s.getsockname()[:2] for s in self.server.sockets]
 
     async def close(self) -> None:
@@ -501,6 +517,7 @@ class WebSocketListener:
         ends its handler, which reports it closed, so its offline events still go out.
         """
         self.keepalive.stop()
+        self.accept_errors.uninstall()
         server = self.server
         if server is None:
             return
@@ -513,10 +530,12 @@ class WebSocketListener:
                         "or not answering the close)", len(stuck), STOP_GRACE)
             for ws in stuck:
                 ws.transport.abort()
+            self.handshakes.shed(len(self.handshakes))  # (else waited for until their timeout)
             await server.wait_closed()
 
     async def _handler(self, ws: ServerConnection) -> None:
         admission: Admission = ws.prscd_admission  # type: ignore[attr-defined]
+        self.handshakes.ended(ws)
         link = (CompressedLink if ws.protocol.extensions else WebSocketLink)(ws, self.writer)
         ws.prscd_link = link  # type: ignore[attr-defined]
         peers = self.peers
