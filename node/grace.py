@@ -1,9 +1,9 @@
 """The grace window: something gone is held a while; back within it, it never went.
 
-Used by the membership webhooks (node/webhooks.py, node/occupancy.py) for a member's
-``member_left`` and a channel's local vacancy. Issue 17 will make it the same mechanism
-as presence's own grace period: it is one small piece on purpose, with no I/O but the
-event loop's timer.
+Used by presence's grace period (node/server.py: a vanished peer held in its channels for
+PRESENCE_GRACE, docs/presence.md) and by the membership webhooks (node/webhooks.py,
+node/occupancy.py: a member's ``member_left``, a channel's local vacancy). One small
+piece on purpose, with no I/O but the event loop's timer.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ V = TypeVar("V")
 
 class Grace(Generic[K, V]):
     """Something gone is held for ``seconds`` before ``release(key, value)``; coming back
-    within them (:meth:`cancel`) means it never went. A member's ``member_left`` and a
-    channel's local vacancy both go through here (issue 17 is to merge this with the
-    presence grace period: it is one piece on purpose).
+    within them (:meth:`cancel`) means it never went. A vanished peer, a member's
+    ``member_left`` and a channel's local vacancy all go through here.
 
     The period is the same for everything, so release order is hold order: one dict in
     insertion order and one timer, O(1) per hold and per cancel."""
