@@ -297,6 +297,14 @@ async def test_beyond_the_grace_left_then_joined() -> None:
                          ("member_joined", "alice")]
 
 
+async def test_a_member_released_after_presence_grace_is_not_held_again() -> None:
+    w, _ = webhooks(grace=60.0)
+    w.member(Member("app", "room", "alice", True))
+    w.member(Member("app", "room", "alice", False, after_grace=True))
+    assert queued(w) == [("member_joined", "alice"), ("member_left", "alice")]
+    assert len(w.grace) == 0
+
+
 # -- occupancy --------------------------------------------------------------------------------
 
 
