@@ -256,3 +256,53 @@ async def test_blind_answers_to_pings_do_not_keep_a_non_reader_connected(
     assert time.monotonic() - started < 2.5
     liar.transport.abort()
     await barrier(a, b, "calm")
+
+
+# -- (1) HTTP/3 frames declared too big; (7) QUIC connections without a session -------------
+
+
+async def test_a_trickled_huge_headers_frame_is_refused_on_its_header(
+        node_factory: NodeFactory) -> None:
+    """A HEADERS frame declaring 4 MiB, then zeros a packet at a time: aioquic would buffer
+    it and re-copy it on every packet (cost growing with the square of its size). The
+    connection is closed as soon as the frame header is in, counted; others are served."""
+    node = await node_factory()
+    a = await joined(node, "room", "a")
+    b = await joined(node, "room", "b")
+    async with wt_connect(node.port) as attacker:
+        quic = attacker._quic
+        stream = quic.get_next_available_stream_id()
+        declared = 4 * 1024 * 1024
+        quic.send_stream_data(stream, b"\x01" + (0x80000000 | declared).to_bytes(4, "big"))
+        attacker.transmit()
+        started = time.monotonic()
+        for _ in range(200):
+            if attacker.terminated is not None:
+                break
+            quic.send_stream_data(stream, bytes(1000))
+            attacker.transmit()
+            await asyncio.sleep(0.005)
+        await attacker.until(lambda: attacker.terminated is not None, 5, "the server's close")
+        assert time.monotonic() - started < 2.0
+        assert attacker.terminated.error_code == 0x107  # H3_EXCESSIVE_LOAD
+        assert "declares 4194304 bytes" in attacker.terminated.reason_phrase
+    assert node.node.presence.dropped["headers_too_large"] == 1
+    await barrier(a, b, "room")
+    async with wt_connect(node.port, "/v1?publickey=k&id=ok") as fine:  # real requests pass
+        assert fine.status == 200
+
+
+async def test_quic_connections_without_a_session_count_and_a_get_a_second_is_closed(
+        node_factory: NodeFactory) -> None:
+    node = await node_factory(HANDSHAKE_TIMEOUT="0.5")
+    async with wt_connect(node.port) as idle:
+        assert node.node.handshakes["webtransport"] == 1
+        started = time.monotonic()
+        while idle.terminated is None and time.monotonic() - started < 6:
+            idle.connect_session("/health", method=b"GET")  # keeps it busy: not for ever
+            await asyncio.sleep(0.2)
+        assert idle.terminated is not None and time.monotonic() - started < 4.5
+    await wait_until(lambda: node.node.handshakes["webtransport"] == 0, 5, "uncounted")
+    async with wt_connect(node.port, "/v1?publickey=k&id=w") as wt:  # a session: not counted
+        assert wt.status == 200
+        assert node.node.handshakes["webtransport"] == 0

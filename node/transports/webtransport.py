@@ -44,6 +44,7 @@ from aioquic.quic.events import (
     ProtocolNegotiated,
     QuicEvent,
     StopSendingReceived,
+    StreamDataReceived,
     StreamReset,
 )
 from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE
@@ -53,6 +54,8 @@ from node.config import Settings
 from node.ports import Peers, Status
 from node.protocol import CLOSE_GOING_AWAY, split_target
 from node.tls import chromium_command, public_origin
+from node.transports.h3frames import FrameLengths
+from node.transports.quic_turn import TurnFlusher, free_handshake_buffers, nothing_to_send
 from node.transports.wt_session import WebTransportSession
 
 if TYPE_CHECKING:
@@ -121,20 +124,35 @@ class H3Protocol(QuicConnectionProtocol):
         self.terminated = False
         self._ping_handle: asyncio.TimerHandle | None = None
         self._transmit_scheduled = False
+        self._handshake_buffers = True  # aioquic's INITIAL/HANDSHAKE crypto buffers kept
+        self._received_at = self._loop.time()  # the last packet from the peer
+        self._room: tuple[int, int, int] = (-1, -1, 0)  # (cid length, datagram size, room)
         self._last_request = -1
         #: Handshake deadline: a connection that never opens a session (or stops
         #: asking for anything) within HANDSHAKE_TIMEOUT is closed.
         self._admitting = 0
         self._ever_session = False
-        self._active_at = self._loop.time()
+        self._active_at = self._born = self._loop.time()
         self._deadline: asyncio.TimerHandle | None = self._loop.call_later(
             self.settings.handshake_timeout, self._handshake_deadline)
         server.connections.add(self)
+        # Issue 15: frame lengths checked before aioquic buffers a frame; counted as a
+        # handshake toward MAX_CONNECTIONS until it has a session (node/ports.py).
+        self._frames = FrameLengths(min(self.settings.http_max_line
+                                        * self.settings.http_max_headers, 64 * 1024))
+        self._handshaking = True
+        self.peers.handshaking("webtransport", 1)
 
     # -- SessionIO: what sessions use --------------------------------------------
 
     def datagram_room(self, session_id: int) -> int:
-        return datagram_room(self.quic, session_id)
+        # Recomputed only when the peer's connection id length or the packet size changes.
+        quic = self.quic
+        cid_len, size, room = self._room
+        if cid_len != len(quic._peer_cid.cid) or size != quic._max_datagram_size:
+            room = datagram_room(quic, 0)
+            self._room = (len(quic._peer_cid.cid), quic._max_datagram_size, room)
+        return room + 1 - size_uint_var(session_id // 4)
 
     def datagrams_pending(self) -> int:
         return len(self.quic._datagrams_pending)
@@ -161,15 +179,43 @@ class H3Protocol(QuicConnectionProtocol):
         self.h3.send_data(session_id, data, end)
 
     def schedule_transmit(self) -> None:
-        """Coalesce the sends of one loop iteration into one transmit()."""
+        """Coalesce the sends of one loop turn: the listener flushes each marked
+        connection once, after every callback of the turn (node/transports/quic_turn.py)."""
         if not self._transmit_scheduled and not self.terminated:
             self._transmit_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.server.flusher.mark(self)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         self._transmit_scheduled = False
-        if not self.terminated:
+        if self.terminated:
+            return
+        if self._timer is not None and nothing_to_send(self.quic):
+            self._rearm()  # mostly after an ACK: no packet to build
+        else:
             self.transmit()
+
+    def _rearm(self) -> None:
+        """transmit()'s timer half. get_timer() must run: it refreshes the loss and idle
+        deadlines that handle_timer() compares against. A timer armed earlier than needed
+        is kept (firing early only re-checks); one needed earlier replaces it."""
+        timer_at = self.quic.get_timer()
+        if timer_at is None or self._timer_at is None or timer_at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if timer_at is not None:
+                self._timer = self._loop.call_at(timer_at, self._handle_timer)
+            self._timer_at = timer_at
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        # aioquic's own transmits at once after every packet; here it waits for the end
+        # of the loop turn and is skipped when there is nothing to send (an ACK).
+        self._received_at = now = self._loop.time()
+        self.quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
+        self._process_events()
+        if self._handshake_buffers and free_handshake_buffers(self.quic):
+            self._handshake_buffers = False
+        self.schedule_transmit()
 
     def unacked(self, stream_id: int) -> int:
         stream = self.quic._streams.get(stream_id)
@@ -193,6 +239,11 @@ class H3Protocol(QuicConnectionProtocol):
             self._terminated(event)
             return
         if self.h3 is None:
+            return
+        if (isinstance(event, StreamDataReceived) and event.stream_id % 4 == 0
+                and (refused := self._frames.check(event.stream_id, event.data,
+                                                   event.end_stream))):
+            self._refuse_frame(refused)
             return
         for h3_event in self.h3.handle_event(event):
             try:
@@ -254,13 +305,28 @@ class H3Protocol(QuicConnectionProtocol):
             session.end(why, reply="none")
         self.shutdown()
 
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.peers.handshaking("webtransport", -1)
+
+    def _refuse_frame(self, reason: str) -> None:
+        """A frame declared over the limit: the connection is closed before it is buffered."""
+        self.peers.count_drop("headers_too_large")
+        log.info("closing a QUIC connection: %s", reason)
+        self.quic.close(error_code=0x107, reason_phrase=reason[:100])  # H3_EXCESSIVE_LOAD
+        self.transmit()
+
     def _handshake_deadline(self) -> None:
         self._deadline = None
         if self.terminated or self._ever_session:
             return
         timeout = self.settings.handshake_timeout
         idle = self._loop.time() - self._active_at
-        if self._admitting or idle < timeout:  # busy, or served a request lately
+        # Busy, or served a request lately; but not for ever (a GET every second kept a
+        # connection without a session open).
+        young = self._loop.time() - self._born < 6 * timeout
+        if self._admitting or (idle < timeout and young):
             self._deadline = self._loop.call_later(max(timeout - idle, 0.1),
                                                    self._handshake_deadline)
             return
@@ -273,6 +339,7 @@ class H3Protocol(QuicConnectionProtocol):
     def shutdown(self) -> None:
         """Forget this connection: no more pings or timers (its socket may be closed)."""
         self.terminated = True
+        self._handshake_over()
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
@@ -289,7 +356,11 @@ class H3Protocol(QuicConnectionProtocol):
     def _arm_ping(self) -> None:
         interval = self.settings.wt_ping_interval
         if self._ping_handle is None and interval > 0 and not self.terminated:
-            self._ping_handle = self._loop.call_later(interval, self._ping)
+            # Due one interval after the peer's last packet, not after our last tick: a
+            # vanished peer is then probed within WT_PING_INTERVAL and gone WT_IDLE_TIMEOUT
+            # later (docs/presence.md), never a whole interval later still.
+            when = max(self._received_at + interval, self._loop.time() + interval / 8)
+            self._ping_handle = self._loop.call_at(when, self._ping)
 
     def _ping(self) -> None:
         """PING while sessions are open: a vanished peer then stops acking and the idle
@@ -297,19 +368,25 @@ class H3Protocol(QuicConnectionProtocol):
         self._ping_handle = None
         if self.terminated or not self.sessions:
             return
-        self.quic.send_ping(0)
-        self.transmit()
+        # A packet from the peer within the interval (ACKs of a fan-out) proves it alive
+        # and its own idle timer fresh: no PING needed (profiled at 6% of a fan-out).
+        if self._loop.time() - self._received_at >= self.settings.wt_ping_interval:
+            self.quic.send_ping(0)
+            self.transmit()
+            self._received_at = self._loop.time()  # a probe: the next one an interval later
         self._arm_ping()
         rtt = self.quic._loss._rtt_smoothed  # QUIC's own estimate, shown in state dumps
         for session in self.sessions.values():
             if session.peer is not None and rtt:
                 session.peer.rtt_ms = round(rtt * 1000, 3)
+                self.peers.ping_rtt(session.peer, rtt)
 
     # -- requests ----------------------------------------------------------------
 
     def _respond(self, stream_id: int, status: int, body: bytes = b"",
                  content_type: str = "text/plain; charset=utf-8",
                  extra: dict[str, str] | None = None, *, head: bool = False) -> None:
+        self.peers.count_http(int(status))
         headers = [
             (b":status", str(int(status)).encode()),
             (b"server", f"prscd/{__version__}".encode()),
@@ -370,9 +447,11 @@ class H3Protocol(QuicConnectionProtocol):
             self._respond(stream_id, admission.status, admission.reason.encode() + b"\n")
             return
         self._ever_session = True
+        self._handshake_over()
         session = WebTransportSession(self, stream_id, self.peers,
                                       self.settings.max_message_bytes, self.server.counters)
         self.sessions[stream_id] = session
+        self.peers.count_http(HTTPStatus.OK)
         self.h3.send_headers(stream_id, [
             (b":status", b"200"),
             (b"sec-webtransport-http3-draft", b"draft02"),
@@ -394,6 +473,7 @@ class WebTransportListener:
         self.status = status
         self.servers: list[QuicServer] = []
         self.connections: set[H3Protocol] = set()
+        self.flusher = TurnFlusher()
         self.tasks: set[asyncio.Task[None]] = set()
         #: datagrams_in/out, stream_fallback (also dropped.wt_too_big_for_datagram),
         #: stream_messages_out, http3_requests.
@@ -450,9 +530,9 @@ class WebTransportListener:
             self.servers.append(server)
             addresses.append(sock.getsockname()[:2])
         ping, idle = self.settings.wt_ping_interval, self.idle_timeout
-        if not 0 < ping < idle / 2:
+        if not 0 < ping < idle:
             log.warning("WT_PING_INTERVAL=%g with WT_IDLE_TIMEOUT=%g: quiet but live sessions "
-                        "may be cut; keep the interval under half the idle timeout", ping, idle)
+                        "may be cut; keep the interval under the idle timeout", ping, idle)
         self.port = port
         self.log_browser_hints(cert)
         log.info("webtransport listening udp=%s idle_timeout=%gs ping_interval=%gs",
