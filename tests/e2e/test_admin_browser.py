@@ -28,7 +28,7 @@ from tests.conftest import NodeFactory, RunningNode
 from tests.e2e import test_browser
 from tests.e2e.test_browser import ARTIFACTS, Browser, browser
 from tests.helpers import data_frame, insecure, join_frame, recv
-from tests.mesh.conftest import cluster_ports
+from tests.mesh.conftest import gateway_cluster
 from tests.mesh_helpers import wait_until
 
 __all__ = ["browser"]  # the fixture, imported for this module's tests
@@ -41,17 +41,8 @@ DOCS_PICTURE = ARTIFACTS.parent / "docs" / "admin.png"
 
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from infra.cluster import Cluster
-
-    c = Cluster(tmp_path_factory.mktemp("admin-cluster"), cluster_ports(),
-                node_env={"NODE_TIMEOUT": str(NODE_TIMEOUT), "ADMIN_LOCAL": "false"})
-    try:
-        for r in REGIONS:
-            c.start_nats(r)
-        c.wait_nats()
-        yield c
-    finally:
-        c.down()
+    yield from gateway_cluster(tmp_path_factory, "admin-cluster",
+                               {"NODE_TIMEOUT": str(NODE_TIMEOUT), "ADMIN_LOCAL": "false"})
 
 
 async def member(url: str, channel: str, client_id: str) -> ClientConnection:

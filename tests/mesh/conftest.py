@@ -53,6 +53,22 @@ def cluster_ports() -> Any:
     return Ports(nats=base, http=base + 3, gateway=base + 6, node=base + 9)
 
 
+def gateway_cluster(tmp_path_factory: pytest.TempPathFactory, name: str,
+                    node_env: dict[str, str]) -> Iterator[Any]:
+    """For a module fixture: three nats-servers, one per region, joined by gateways
+    (infra/cluster.py's topology, NATS only); nodes are up to each test."""
+    from infra.cluster import REGIONS, Cluster
+
+    c = Cluster(tmp_path_factory.mktemp(name), cluster_ports(), node_env=node_env)
+    try:
+        for r in REGIONS:
+            c.start_nats(r)
+        c.wait_nats()
+        yield c
+    finally:
+        c.down()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The three-region topology of `python -m infra.cluster up`, on free ports."""

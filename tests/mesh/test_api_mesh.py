@@ -15,7 +15,7 @@ import pytest
 from tests.api_helpers import Api
 from tests.conftest import NodeFactory, RunningNode
 from tests.e2e.puppet import Puppet
-from tests.mesh.conftest import PuppetFactory, cluster_ports
+from tests.mesh.conftest import PuppetFactory, gateway_cluster
 from tests.mesh.test_two_nodes import marker
 from tests.mesh_helpers import wait_until
 
@@ -26,17 +26,8 @@ CH = "api-room"
 @pytest.fixture(scope="module")
 def gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Three nats-servers, one per region, joined by gateways; nodes are up to each test."""
-    from infra.cluster import Cluster
-
-    c = Cluster(tmp_path_factory.mktemp("api-cluster"), cluster_ports(),
-                node_env={"API_KEYS": "mesh-key", "NODE_TIMEOUT": "3"})
-    try:
-        for r in REGIONS:
-            c.start_nats(r)
-        c.wait_nats()
-        yield c
-    finally:
-        c.down()
+    yield from gateway_cluster(tmp_path_factory, "api-cluster",
+                               {"API_KEYS": "mesh-key", "NODE_TIMEOUT": "3"})
 
 
 async def start(node_factory: NodeFactory, gateways: Any,
