@@ -19,19 +19,25 @@ pytestmark = pytest.mark.unit
 
 
 class FakeWS:
-    """What the keepalive touches of a ServerConnection: protocol.state and ping()."""
+    """What the keepalive touches of a ServerConnection: its loop, protocol (state,
+    send_ping), pending_pings and send_data. An answering one resolves the pong as the
+    library's acknowledge_pings does when the client's pong arrives."""
 
     def __init__(self, answers: bool) -> None:
-        self.protocol = SimpleNamespace(state=State.OPEN)
+        self.protocol = SimpleNamespace(state=State.OPEN, send_ping=self._send_ping)
+        self.loop = asyncio.get_running_loop()
         self.answers = answers
         self.pings: list[bytes] = []
+        self.pending_pings: dict[bytes, tuple[asyncio.Future[float], float]] = {}
 
-    async def ping(self, data: bytes) -> asyncio.Future[float]:
+    def _send_ping(self, data: bytes) -> None:
         self.pings.append(data)
-        pong: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def send_data(self) -> None:
         if self.answers:
-            pong.set_result(0.0025)
-        return pong
+            for pong, _ in self.pending_pings.values():
+                pong.set_result(0.0025)
+            self.pending_pings.clear()
 
 
 class FakePeers:
