@@ -73,7 +73,7 @@ class WTReceiver(WTClient):
 
 
 async def _open_wt(state: WorkerState, port: int, ids: list[str], channel: str,
-                   concurrency: int) -> tuple[list[WTReceiver], list[str]]:
+                   concurrency: int, timeout: float) -> tuple[list[WTReceiver], list[str]]:
     sem = asyncio.Semaphore(concurrency)
     errors: list[str] = []
     peers: list[WTReceiver | None] = [None] * len(ids)
@@ -83,7 +83,7 @@ async def _open_wt(state: WorkerState, port: int, ids: list[str], channel: str,
             for attempt in range(3):
                 client: WTReceiver | None = None
                 try:
-                    client = await open_client(port, WSPeer.v1_path(cid), timeout=10.0,
+                    client = await open_client(port, WSPeer.v1_path(cid), timeout=timeout,
                                                client_class=WTReceiver)  # type: ignore[assignment]
                     assert client is not None
                     if client.status != 200:
@@ -111,11 +111,11 @@ async def _open_wt(state: WorkerState, port: int, ids: list[str], channel: str,
 async def wt_fanout_receivers(state: WorkerState, port: int, ids: list[str],
                               transport: str = "webtransport", channel: str = "bench",
                               sender_id: str | None = None,
-                              concurrency: int = 16) -> dict[str, Any]:
+                              concurrency: int = 16, timeout: float = 10.0) -> dict[str, Any]:
     """Connect and join ``ids`` over ``transport`` (TLS), and the WebSocket sender if asked."""
     t0 = time.monotonic()
     if transport == "webtransport":
-        opened, errors = await _open_wt(state, port, ids, channel, concurrency)
+        opened, errors = await _open_wt(state, port, ids, channel, concurrency, timeout)
     else:
         opened, errors = await _open(state, port, ids, tls=True, sources=["127.0.0.1"],  # type: ignore[assignment]
                                      concurrency=concurrency * 3, channel=channel)

@@ -69,15 +69,17 @@ def _phase(pool: Pool, server: Server, *, peers: int, window: int, size: int,
 
 
 def measure(pool: Pool, log_dir: Path, transport: str, *, peers: int, windows: tuple[int, ...],
-            size: int, warmup: float, duration: float, tag: str) -> dict[str, Any]:
+            size: int, warmup: float, duration: float, tag: str,
+            env: dict[str, str] | None = None, **connect: Any) -> dict[str, Any]:
+    """One fresh node; ``env`` may point PYTHONPATH at another checkout (before/after)."""
     server = start_node(log_dir, tls=True, name=f"prscd-{transport}",
-                        env={"WEBTRANSPORT": "true"})
+                        env={"WEBTRANSPORT": "true", **(env or {})})
     try:
         time.sleep(0.5)
         rss0 = server.rss_kib()
         ids = [f"{tag}-{i}" for i in range(peers)]
         t0 = time.monotonic()
-        pool.call_all("wt_fanout_receivers", port=server.port, transport=transport,
+        pool.call_all("wt_fanout_receivers", port=server.port, transport=transport, **connect,
                       per_worker=lambda i: {"ids": ids[i::len(pool)],
                                             "sender_id": f"{tag}-sender" if i == 0 else None})
         setup = time.monotonic() - t0
