@@ -159,10 +159,13 @@ async def test_wan_cluster_short_run(wan_cluster: Cluster) -> None:
     c = wan_cluster
     status = {(row["kind"], row["region"]): row for row in c.status()}
     assert all(status[("wan", r)]["running"] for r in c.regions)
-    r = await run_async(c, phase_s=12.0, stall=False, kill=False, churn_gap=3.0)
+    # fresh=0: a channel's first join in two regions can lose an answer (docs/geo.md,
+    # "A channel's first join"): a known race bench/geo.py counts, not asserted here.
+    r = await run_async(c, phase_s=12.0, stall=False, kill=False, fresh=0, churn_gap=3.0)
     steady = r["steady"]
     print(f"\nWAN short run: {steady['delivery']['pooled_minus_one_way']}, "
-          f"newcomer {steady['newcomer_seen']['every_member']}, cursor {steady['cursor']}")
+          f"newcomer {steady['newcomer_seen']['every_member']}, cursor {steady['cursor']}, "
+          f"set-up missing {r['setup_missing']}")
     assert r["false_node_down"] == []
     # Delivery across the slowest link pays its delay, and not much more.
     far = steady["delivery"]["links"]["us-east->ap-south"]
