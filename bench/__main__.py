@@ -32,6 +32,9 @@ Benchmarks (``--only`` takes a comma-separated list):
 - ``webtransport``: 100 and 500 receivers over WebTransport datagrams vs WebSocket on the
   same node (TLS on), one and 32 messages in flight: node CPU per delivery (ratio, goal
   <= 2x), deliveries lost, idle KiB per peer (goal <= 40)
+- ``hostile``:  another peer's round trip p50/p99 while each hostile client of issue 15
+  runs, against the same peer with no attack in the same run (goal p99 <= 2x within the
+  default limits; the attacker closed within 2 s otherwise): ``bench/hostile.py``
 - ``geo``:      three regions 40/90/60 ms apart (``infra/wan.py`` proxies): cross-region
   delivery vs raw NATS through the same proxies, newcomer/departure convergence, false
   node-downs, the same with 1% of gateway chunks stalled 500 ms, a far node killed
@@ -53,7 +56,7 @@ from typing import Any
 from bench.procs import ROOT
 
 ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
-       "native", "webtransport", "geo", "workers", "metrics")
+       "native", "webtransport", "geo", "workers", "metrics", "hostile")
 
 
 def machine() -> dict[str, Any]:
@@ -86,6 +89,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         capacity,
         fanout,
         geo,
+        hostile,
         joinstorm,
         latency,
         members_query,
@@ -136,6 +140,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
                                                  "duration": 1.5, "warmup": 0.5}
                                                 if quick else {})),
         "geo": lambda: geo.run(logs, **({"quick": True} if quick else {"minutes": 4.0})),
+        "hostile": lambda: hostile.run(logs, **({"duration": 2.0, "rounds": 1}
+                                                if quick else {})),
     }
     todo = list(names)
     if "fanout" in todo:
@@ -266,6 +272,15 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{_n(s['cpu_s_per_100k_off'], 3)} (METRICS=false)",
                 f"{s['cpu_ratio_on_vs_off']:.3f}x CPU (paired {s['cpu_ratio_paired_median']:.3f}x)"
                 f", {s['rate_ratio_on_vs_off']:.2f}x deliveries/s", f"<= 1.05x CPU ({ok})")
+        for variant, label in (("as_shipped", "embedded bus"),
+                               ("publish_timed", "bus publish timed, as on NATS"),
+                               ("a_a_control", "A/A control: off vs off")):
+            ip = me["in_process"][variant]
+            ok = "met" if ip["ratio"] <= 1.05 else "MISSED"
+            row(f"metrics on: node CPU us per frame in process ({ip['receivers']} receivers, "
+                f"no sockets; {label})", _n(ip["us_per_frame_on"], 2),
+                f"{_n(ip['us_per_frame_off'], 2)} (METRICS=false)",
+                f"{ip['ratio']:.3f}x (+{ip['added_us_per_frame']:.2f} us)", f"<= 1.05x ({ok})")
     mq = r.get("members")
     if mq is not None and not skipped("members query", mq):
         api, raw = mq["prscd_api"], mq["raw_nats"]
@@ -277,6 +292,12 @@ def markdown(r: dict[str, Any]) -> str:
         others = ", ".join(f"{c:.2f}" for c in mq["cpu_ms_per_query_other_nodes"])
         row("members query: node CPU per query", f"{mq['cpu_ms_per_query_asked_node']:.2f} ms "
             f"(asked node)", f"{others} ms (the other nodes)", "-", "-")
+    h = r.get("hostile")
+    if h is not None and not skipped("hostile clients", h):
+        from bench import hostile
+
+        for cells in hostile.markdown_rows(h):
+            row(*cells)
     w = r.get("webhooks")
     if w is not None and not skipped("webhooks", w):
         row(f"webhooks ({w['rate']:.0f} joins/s): join -> receiver p50 / p99; batches",
