@@ -413,6 +413,15 @@ def name_problem(name: str) -> str:
     return ""
 
 
+def is_utf8(value: str) -> bool:
+    """False for what :func:`parse_query` kept of bytes that were not UTF-8."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_client_id(raw: str) -> str:
     """Validate the (already percent-decoded) ``id`` query parameter."""
     if not raw:

@@ -32,7 +32,7 @@ from node.config import Settings
 from node.grace import Grace
 from node.hops import Hops
 from node.limits import Guard
-from node.metrics import NodeMetrics, close_code
+from node.metrics import FRAME_SAMPLE, NodeMetrics, close_code
 from node.ports import Admission, Link
 from node.presence import (
     Action,
@@ -87,6 +87,9 @@ class Node:
             on_down=self._on_node_down, on_resync=self._schedule_resync,
         )
         self._resync: asyncio.TimerHandle | None = None
+        #: The mesh-wide questions (mesh/query.py), set by answer_queries.
+        self.query: MeshQuery | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         #: (sid, channel) -> a vanished peer held there until PRESENCE_GRACE ends (the
         #: same mechanism as the webhooks' hold: node/grace.py).
         self.grace: Grace[tuple[str, str], Peer] = Grace(settings.presence_grace,
@@ -108,8 +111,9 @@ class Node:
         self.metrics = NodeMetrics(self, histograms=settings.metrics)
         # Timed on a real bus only: the embedded bus's publish is a local function call.
         if self.metrics.publish is not None and bus.kind != "embedded":
-            self.source.timer = self.metrics.publish.observe
+            self.source.timer, self.source.sample = self.metrics.publish.observe, FRAME_SAMPLE
         self._timed = settings.metrics  # frames go through the histograms
+        self._tick = 0
 
     @property
     def mesh_id(self) -> str:
@@ -128,6 +132,8 @@ class Node:
             client_id = protocol.check_client_id(raw_id)
         except ProtocolError as exc:
             return Admission(HTTPStatus.BAD_REQUEST, f"bad id: {exc}")
+        if not publickey.isascii() and not protocol.is_utf8(publickey):
+            return Admission(HTTPStatus.BAD_REQUEST, "publickey is not valid UTF-8")
         if self.draining:
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "node is draining")
         if full := self.guard.admit(sum(self.handshakes.values())):
@@ -162,7 +168,9 @@ class Node:
         return peer
 
     async def receive(self, peer: Peer, frame: bytes) -> None:
-        started = perf_counter() if self._timed else 0.0
+        # Metrics on: one frame in FRAME_SAMPLE is timed, and every join (node/metrics.py).
+        self._tick = tick = (self._tick + 1) % FRAME_SAMPLE
+        started = perf_counter() if self._timed and not tick else 0.0
         if peer.sid not in self.links:
             self.count_drop("after_close")  # closed already; the connection is closing
             return
@@ -192,10 +200,12 @@ class Node:
         if self.settings.debug:
             log.debug("frame sid=%s id=%s t=%s op=%s c=%r bytes=%d",
                       peer.sid, peer.client_id, sig.t, sig.op, sig.c, len(frame))
+        if self._timed and not started and sig.op == protocol.CHANNEL_JOIN:
+            started = perf_counter()  # join-to-ack, from the head read
         with self.hops.receive(peer, sig, len(frame)):
             await self._execute(self.hops.handle(self.presence.handle, peer, sig))
         if started:
-            self.metrics.handled(sig, perf_counter() - started)
+            self.metrics.handled(sig, perf_counter() - started, sampled=not tick)
 
     def fault(self, peer: Peer, fault: Fault, reason: str) -> None:
         self._close_soon(Close(peer, fault, reason))
@@ -227,8 +237,44 @@ class Node:
     # -- the server API (node/api.py) ------------------------------------------
 
     def answer_queries(self, query: MeshQuery) -> None:
-        """Answer the mesh-wide questions of the server API about our local peers."""
+        """Answer the mesh-wide questions of the server API about our local peers; ask
+        them of the others when a channel is new here (:meth:`_check_new_channel`)."""
         answers.register(query, self.presence, self.mesh_id)
+        self.query = query
+
+    async def _check_new_channel(self, app: str, name: str) -> None:
+        """A channel new on this node: after a heartbeat's time, ask the other nodes who
+        is in it; if one lists a member we never heard of, ask our peers there to
+        re-announce (once). Why: the answers to our first peer's ``peer_online`` can be
+        dropped by another region's NATS server that has not yet heard of our new
+        subscription (it travels on the other gateway connection of the pair, and can be
+        overtaken: docs/geo.md); nothing in the protocol would ever ask again."""
+        await asyncio.sleep(self.settings.heartbeat_interval)
+        realm = self.presence.realms.get(app)
+        channel = realm.channels.get(name) if realm else None
+        if channel is None or not channel.peers or self.query is None or self.draining:
+            return
+        try:
+            gathered = await self.query.ask(answers.MEMBERS, {"app": app, "channel": name})
+        except Exception as exc:  # QueryBusy, the bus down: the check is best effort
+            self.count_drop("channel_check_skipped")
+            log.debug("new channel check skipped app=%s channel=%r: %s", app, name, exc)
+            return
+        known = set(channel.remote.values())
+        missing = {cid for node, answer in answers.usable(gathered) if node != self.node_id
+                   for cid in answer.get("ids", ()) if cid not in known}
+        assert realm is not None  # the channel was found in it
+        if not missing or name not in realm.channels:
+            return
+        self.count_drop("mesh_answers_missed")
+        log.warning("new channel app=%s channel=%r: %d member(s) on other nodes never reached "
+                    "us (their answers raced our subscription): asking %d local peer(s) to "
+                    "re-announce", app, name, len(missing), len(channel.peers))
+        ack = protocol.encode_join_ack(name, self.mesh_id)
+        for peer in list(channel.peers.values()):
+            if (link := self.links.get(peer.sid)) is not None:
+                self.guard.asked_announce(peer)
+                link.send(ack)
 
     async def push(self, sig: Signalling) -> int:
         """Backend data (tag 0x21, see mesh/backend.py) into a channel: our peers get it
@@ -257,9 +303,15 @@ class Node:
                 if self.webhooks is not None:
                     self.webhooks.channel(action.app, action.channel, action.active)
                 if action.active:
-                    # The bus has our interest before the joiner gets its ack, so the
-                    # answers to its peer_online from other nodes cannot miss us.
+                    # Our server has our interest before the joiner gets its ack, so the
+                    # answers to its peer_online cannot miss us there; other regions'
+                    # servers may still: checked once a heartbeat later.
                     await self.stream_function.settled()
+                    if self.query is not None and self.liveness.nodes:
+                        check = asyncio.get_running_loop().create_task(
+                            self._check_new_channel(action.app, action.channel))
+                        self._checks.add(check)  # cancelled at stop, never waited for
+                        check.add_done_callback(self._checks.discard)
             elif isinstance(action, Member):
                 if self.webhooks is not None:  # queued: never awaits
                     self.webhooks.member(action)
@@ -457,6 +509,8 @@ class Node:
         for peer in list(self.presence.peers.values()):
             await self.closed(peer, "node stopping")
         self.grace.flush()  # nobody comes back to a stopping node: offline now
+        for check in list(self._checks):
+            check.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.liveness.stop()

@@ -309,3 +309,19 @@ async def test_quic_connections_without_a_session_count_and_a_get_a_second_is_cl
     async with wt_connect(node.port, "/v1?publickey=k&id=w") as wt:  # a session: not counted
         assert wt.status == 200
         assert node.node.handshakes["webtransport"] == 0
+
+
+async def test_a_publickey_that_is_not_utf8_is_refused_400(node_factory: NodeFactory) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    from tests.helpers import insecure
+
+    node = await node_factory()
+    try:
+        await connect(f"{node.ws_base}/v1?publickey=k%FF&id=a", ssl=insecure())
+        raise AssertionError("admitted")
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 400
+        assert exc.response.body == b"publickey is not valid UTF-8\n"
+    await still_served(node)

@@ -315,7 +315,9 @@ def test_check_connect_path_must_be_exactly_v1(path: bytes) -> None:
     ("flag&id=a", {"flag": "", "id": "a"}),
     ("id=a=b", {"id": "a=b"}),  # only the first '=' separates
     ("id=%zz", {"id": "%zz"}),  # a broken escape stays as written
-    ("id=%ff", {"id": "\ufffd"}),  # a byte that is not UTF-8
+    # A byte that is not UTF-8 stays a lone surrogate (check_client_id refuses it), not
+    # U+FFFD: two different raw ids must not become one (issue 15).
+    ("id=%ff", {"id": "\udcff"}),
 ])
 def test_parse_query(query: str, params: dict[str, str]) -> None:
     got = parse_query(query)
