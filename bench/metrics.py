@@ -9,17 +9,29 @@ reads and histogram observations of every frame) weigh the most. A scraper reads
 same either way but for the histograms' few lines), so scrape cost is in the numbers.
 Reported: node CPU seconds per 100k deliveries (from /proc), deliveries/s, and their
 on/off ratios (goal: CPU within 5%).
+
+The fan-out's ratios move by +-15% between rounds on a shared machine, more than the 5%
+to be measured, so :func:`in_process` also times the node's own work per frame (its
+``receive`` with 10 receivers whose links only count: no socket, so the ratio is a
+pessimistic bound) in alternating blocks of one process, CPU time from
+``time.process_time``. Twice: as shipped with the embedded bus (no publish timing), and
+with the bus publish timed as it is on NATS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import tempfile
 import threading
+import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from bench.fanout import measure
 from bench.procs import Pool, Server, start_node
+from testkit.frames import data_frame, join_frame
 
 MODES = {"on": {"METRICS": "true"}, "off": {"METRICS": "false"}}
 
@@ -91,6 +103,69 @@ def run(log_dir: Path, *, peers: int = 1000, narrow: int = 10, rounds: int = 4,
             "rate_ratio_on_vs_off": on_rate / off_rate,
             "scrape_bytes": median("on", "scrape_bytes") / max(1, median("on", "scrapes")),
         }
+    quick = rounds < 4
+    sizes = {"frames": 1000, "blocks": 20} if quick else {}
+    out["in_process"] = {
+        "as_shipped": asyncio.run(in_process(**sizes)),
+        "publish_timed": asyncio.run(in_process(publish_timed=True, **sizes)),
+        # The noise floor: two nodes both METRICS=false, measured the same way.
+        "a_a_control": asyncio.run(in_process(modes={"on": MODES["off"], "off": MODES["off"]},
+                                              **sizes))}
     out["within_5_percent"] = all(out[s]["cpu_ratio_on_vs_off"] <= 1.05 for s in shapes)
     out["rounds_detail"] = results
     return out
+
+
+class _CountingLink:
+    def send(self, frame: bytes) -> bool:
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+async def in_process(*, receivers: int = 10, frames: int = 2000, blocks: int = 40,
+                     publish_timed: bool = False,
+                     modes: dict[str, dict[str, str]] = MODES) -> dict[str, Any]:
+    """CPU microseconds per data frame through ``Node.receive``, METRICS on vs off
+    (``modes``: the A/A control passes off twice)."""
+    from node.app import App
+    from node.config import Settings
+    from node.metrics import FRAME_SAMPLE
+    from node.ports import Admission
+
+    tmp = Path(tempfile.mkdtemp(prefix="prscd-metrics-bench-"))
+    apps, senders = {}, {}
+    for mode, env in modes.items():
+        settings = Settings.from_env({"PORT": "0", "HOST": "127.0.0.1", "TLS": "false",
+                                      "WEBTRANSPORT": "false", "RATE_LIMIT": "0",
+                                      "PID_FILE": str(tmp / f"{mode}.pid"), **env})
+        app = apps[mode] = App(settings)
+        await app.start()
+        node = app.node
+        if publish_timed and node.metrics.publish is not None:
+            # As on NATS (node/server.py).
+            node.source.timer, node.source.sample = node.metrics.publish.observe, FRAME_SAMPLE
+        for i in range(receivers):
+            admission = Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", f"p{i}", "app")
+            peer = node.open(admission, "websocket", _CountingLink())
+            await node.receive(peer, join_frame("room", f"p{i}"))
+            senders.setdefault(mode, peer)
+    frame = data_frame("room", "cursor", '{"x":1,"y":2}')
+    per: dict[str, list[float]] = {mode: [] for mode in modes}
+    try:
+        for b in range(blocks):
+            for mode in (("on", "off") if b % 2 == 0 else ("off", "on")):
+                receive, peer = apps[mode].node.receive, senders[mode]
+                t0 = time.process_time()
+                for _ in range(frames):
+                    await receive(peer, frame)
+                per[mode].append((time.process_time() - t0) / frames * 1e6)
+    finally:
+        for app in apps.values():
+            await app.stop()
+    on, off = statistics.median(per["on"]), statistics.median(per["off"])
+    pairs = [a / b for a, b in zip(per["on"], per["off"], strict=True)]
+    return {"receivers": receivers, "us_per_frame_on": on, "us_per_frame_off": off,
+            "ratio": on / off, "ratio_paired_median": statistics.median(pairs),
+            "added_us_per_frame": on - off}

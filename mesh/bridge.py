@@ -110,14 +110,21 @@ class Source:
         self.published = 0
         self.failed = 0
         self._logged_at = 0
-        #: Observes each publish call's seconds (node/metrics.py); None = not timed.
+        #: Observes a publish call's seconds, one call in ``sample`` (node/metrics.py);
+        #: None = not timed.
         self.timer: Callable[[float], None] | None = None
+        self.sample = 1
+        self._tick = 0
 
     async def publish(self, sig: Signalling, tag: int = TAG_PEER,
                       headers: dict[str, str] | None = None) -> None:
         assert sig.app is not None
         subject = event_subject(sig.app, sig.c, tag, self.mesh_id, self.node_id)
         timer = self.timer
+        if timer is not None:  # one publish in `sample` is timed (node/metrics.py)
+            self._tick = (self._tick + 1) % self.sample
+            if self._tick:
+                timer = None
         started = time.perf_counter() if timer is not None else 0.0
         try:
             await self.bus.publish(subject, pack(sig, self.node_id, tag), headers)

@@ -17,11 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from node.metrics import Buckets, close_code
+from node.metrics import FRAME_SAMPLE, Buckets, close_code
 from tests.conftest import NodeFactory, RunningNode
 from tests.helpers import data_frame, get, insecure, join_frame, joined, recv
 from tests.mesh.conftest import nats_factory, nats_server  # noqa: F401 (fixtures)
 from tests.mesh_helpers import NatsServer, free_port, port_open, wait_sync, wait_until
+from tests.wt_client import wt_connect
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -75,19 +76,26 @@ async def test_families_have_help_and_type_and_the_old_names_stay(node: RunningN
 async def test_a_join_a_drop_a_close_code_and_http_statuses(
         node_factory: NodeFactory) -> None:
     node = await node_factory(PUBLIC_KEYS="key:app", PING_INTERVAL="0.2",
-                              MAX_CHANNELS_PER_PEER="1")
+                              MAX_CHANNELS_PER_PEER="1", RATE_LIMIT="0")
     before = (await scrape(node.port))[1]
     alice = await joined(node, "room", "alice")
     after = (await scrape(node.port))[1]
     assert value(after, "prscd_peers") == 1
     assert value(after, "prscd_connections", transport="websocket") == 1
     for name, labels in (("prscd_join_ack_seconds_count", {}),
-                         ("prscd_frame_handle_seconds_count", {}),
                          ("prscd_connections_opened_total", {"transport": "websocket"}),
                          ("prscd_auth_total", {"result": "ok"}),
                          ("prscd_http_responses_total", {"listener": "node", "status": "101"})):
         assert value(after, name, **labels) == value(before, name, **labels) + 1, name
     assert value(after, "prscd_join_ack_seconds_sum") > 0
+    # Frames are timed one in FRAME_SAMPLE: 2 * FRAME_SAMPLE frames in a row, two timed.
+    handled = value(after, "prscd_frames_handled_total")
+    for i in range(2 * FRAME_SAMPLE):
+        await alice.send(data_frame("room", "move", str(i)))
+    await wait_until(lambda: _eq(metric(node, "prscd_frames_handled_total"),
+                                 handled + 2 * FRAME_SAMPLE), 5.0, "the frames handled")
+    assert await metric(node, "prscd_frame_handle_seconds_count") == value(
+        after, "prscd_frame_handle_seconds_count") + 2
 
     # The keepalive's pong: the WebSocket RTT histogram.
     await wait_until(lambda: metric(node, "prscd_ping_rtt_seconds_count",
@@ -120,6 +128,25 @@ async def test_a_join_a_drop_a_close_code_and_http_statuses(
     assert value(samples, "prscd_auth_total", result="denied") == 1
     assert value(samples, "prscd_http_responses_total", listener="node", status="403") == 1
     assert value(samples, "prscd_http_responses_total", listener="node", status="404") == 1
+
+
+async def test_webtransport_sessions_rtt_and_close_codes(node_factory: NodeFactory) -> None:
+    node = await node_factory(WEBTRANSPORT="true", WT_PING_INTERVAL="0.2")
+    async with wt_connect(node.port, "/v1?publickey=key&id=wt") as wt:
+        wt.send_datagram(join_frame("room", "wt"))
+        await wt.next_message(match=lambda m: m.get("op") == "channel_join")
+        samples = (await scrape(node.port))[1]
+        assert value(samples, "prscd_connections", transport="webtransport") == 1
+        assert value(samples, "prscd_connections_opened_total", transport="webtransport") == 1
+        assert value(samples, "prscd_http_responses_total", listener="node", status="200") >= 1
+        await wait_until(lambda: metric(node, "prscd_ping_rtt_seconds_count",
+                                        transport="webtransport"), 5.0, "a QUIC RTT sample")
+        wt.close_session(4100, "tab closed")
+        await wait_until(lambda: not node.node.links, 5.0, "the session closed")
+    samples = (await scrape(node.port))[1]
+    assert value(samples, "prscd_connections_closed_total", transport="webtransport",
+                 code="4100") == 1
+    assert value(samples, "prscd_connections", transport="webtransport") == 0
 
 
 async def test_metrics_off_keeps_counters_and_drops_histograms(
@@ -222,5 +249,6 @@ def test_buckets_are_cumulative_with_le_bounds() -> None:
 def test_close_code_from_the_transports_words() -> None:
     assert close_code("close code=1000 reason=''") == "1000"
     assert close_code("closed by client code=4100 reason='x'") == "4100"
-    assert close_code("closed by client code=0 reason=''") == "other"
+    assert close_code("closed by client code=0 reason=''") == "0"
+    assert close_code("closed by client code=70000 reason=''") == "other"
     assert close_code("session task ended") == "none"
