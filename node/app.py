@@ -22,6 +22,7 @@ from node.admin import AdminView
 from node.api import ApiListener
 from node.auth import Auth
 from node.config import Settings
+from node.memory import HeapTrim
 from node.metrics import MetricsListener
 from node.server import Node
 from node.tls import CertificateWatcher, CertInfo, server_context
@@ -73,6 +74,8 @@ class App:
         self.port = settings.port
         #: Follows the certificate files (node/tls.py): renewed pairs without a restart.
         self.certificates: CertificateWatcher | None = None
+        #: Free heap pages back to the system now and then (node/memory.py).
+        self.heap_trim = HeapTrim(settings.malloc_trim_interval)
         self._stopped = False
 
     async def start(self) -> None:
@@ -104,6 +107,7 @@ class App:
             self.listeners.append(metrics)
         if ssl is not None and cert is not None:
             self.certificates = self._watch_certificate(cert, ssl)
+        self.heap_trim.start()
         log.info("node ready node_id=%s mesh_id=%s port=%d tls=%s bus=%s", node.node_id,
                  settings.mesh_id, self.port, ssl is not None, node.bus.kind)
 
@@ -126,6 +130,7 @@ class App:
             return
         self._stopped = True
         node = self.node
+        await self.heap_trim.stop()
         if self.certificates is not None:
             await self.certificates.stop()
         node.draining = True

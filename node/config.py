@@ -196,6 +196,10 @@ class Settings:
                             "Longest HTTP request or header line in bytes (414 / 431).")
     http_max_headers: int = _S("limits", "HTTP_MAX_HEADERS", "int", 64,
                                "Most HTTP header lines (431).")
+    malloc_trim_interval: float = _S("limits", "MALLOC_TRIM_INTERVAL", "seconds", 30.0,
+                                     "Seconds between giving free heap memory back to the "
+                                     "system (glibc malloc_trim: RSS stays flat under "
+                                     "connection churn, docs/soak.md); 0 = never.")
 
     webtransport: bool = _S("WebTransport", "WEBTRANSPORT", "bool", True,
                             "HTTP/3 on UDP PORT, same certificate (needs TLS); false = off.")
