@@ -134,7 +134,7 @@ class Bucket:
         if self.tokens >= 1.0:
             self.tokens = max(self.tokens - cost, -burst)
             return OK
-        self.excess += 1.0
+        self.excess += cost  # a dropped join weighs what it would have cost
         return FLOOD if self.excess > burst else DROP
 
 
