@@ -146,9 +146,9 @@ async def test_other_paths_and_methods(node_factory: NodeFactory) -> None:
 
 @pytest.mark.parametrize("path,words", [
     ("/v1/apps/%FF/channels", "app is not UTF-8 once percent-decoded"),
-    ("/v1/apps/a%00/channels", "app contains control characters"),
+    ("/v1/apps/a%00/channels", "app contains control characters (U+0000)"),
     ("/v1/apps/default/channels/" + "c" * 129 + "/members", "channel longer than 128 bytes"),
-    ("/v1/apps/default/users/al%0Aice", "id contains control characters"),
+    ("/v1/apps/default/users/al%0Aice", "id contains control characters (U+000A)"),
     ("/v1/apps/default/users/" + "%C3%BC" * 65, "id longer than 128 bytes"),
 ])
 async def test_bad_names_are_400(node_factory: NodeFactory, path: str, words: str) -> None:

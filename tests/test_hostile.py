@@ -112,15 +112,16 @@ async def test_frames_for_channels_not_joined_are_dropped_before_their_payload_i
 
 async def test_frames_over_the_rate_are_dropped_before_their_payload_is_read(
         node_factory: NodeFactory) -> None:
-    node = await node_factory(RATE_LIMIT="5", RATE_BURST="5")
+    node = await node_factory(RATE_LIMIT="0.2", RATE_BURST="5")  # (a token per 5 s)
     sender = await joined(node, "room", "sender")
     other = await joined(node, "room", "other")
     for _ in range(4):  # the burst, less the join's token: these are read (valid)
         await sender.send(data_frame("room", "e", "1"))
-    for _ in range(6):  # over the rate: dropped on the head, the bad payload never read
+    for _ in range(5):  # over the rate: dropped on the head, the bad payload never read
         await sender.send(pack({"t": "data", "c": "room", "pl": b"\xc1"}))
     await wait_until(lambda: node.node.presence.dropped["rate_limited"] >= 5, 5, "drops")
     assert node.node.presence.dropped["invalid"] == 0
+    assert node.node.presence.dropped["rate_flood"] == 0
     for _ in range(4):
         assert (await recv(other))["t"] == "data"
 
