@@ -7,12 +7,18 @@ import ssl
 from pathlib import Path
 
 import pytest
+from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import Epoch
 
 from node.tls import ensure_certificate
-from node.transports.quic_turn import ATTRIBUTES, free_handshake_buffers, nothing_to_send
+from node.transports.quic_turn import (
+    ATTRIBUTES,
+    POST_HANDSHAKE_CRYPTO_BUFFER,
+    free_handshake_buffers,
+    nothing_to_send,
+)
 
 CLIENT = ("127.0.0.1", 40001)
 SERVER = ("127.0.0.1", 40002)
@@ -111,11 +117,21 @@ def test_handshake_buffers_freed_and_the_connection_goes_on(pair: Pair) -> None:
     assert set(server._crypto_buffers) == {Epoch.INITIAL, Epoch.HANDSHAKE, Epoch.ONE_RTT}
     assert free_handshake_buffers(server)
     assert set(server._crypto_buffers) == {Epoch.ONE_RTT}
+    assert server._crypto_buffers[Epoch.ONE_RTT].capacity == POST_HANDSHAKE_CRYPTO_BUFFER
     assert not free_handshake_buffers(server)  # once
     pair.client.send_datagram_frame(b"after")
     server.send_datagram_frame(b"after")
     pair.exchange()
     assert pair.server._state.name == "CONNECTED"
+
+
+def test_a_tls_message_after_the_handshake_is_an_alert_not_a_write(pair: Pair) -> None:
+    """Why the small ONE_RTT buffer is enough: the TLS server refuses before writing."""
+    server = pair.server
+    free_handshake_buffers(server)
+    with pytest.raises(tls.AlertUnexpectedMessage):
+        server.tls.handle_message(b"\x04\x00\x00\x00", server._crypto_buffers)
+    assert server._crypto_buffers[Epoch.ONE_RTT].tell() == 0
 
 
 def test_not_freed_before_the_handshake_is_confirmed(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ two thirds of the node's CPU went to building packets, much of it building nothi
   packets and one ``transmit()`` per connection.
 * :func:`nothing_to_send`: whether ``datagrams_to_send()`` would build no packet, read
   from aioquic's state; a turn's flush then skips the packet builder.
-* :func:`free_handshake_buffers`: the INITIAL and HANDSHAKE crypto buffers (16 KiB each)
-  that aioquic keeps for the connection's life.
+* :func:`free_handshake_buffers`: the three 16 KiB crypto buffers that aioquic keeps for
+  the connection's life.
 
 These read aioquic internals (``pyproject.toml`` pins the version range;
 tests/test_quic_turn.py checks each assumption against real connections).
@@ -24,8 +24,12 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from aioquic.buffer import Buffer
 from aioquic.quic.connection import QuicConnection
-from aioquic.tls import Epoch
+from aioquic.tls import Epoch, State
+
+#: What is left of a server's ONE_RTT crypto buffer once the handshake is confirmed.
+POST_HANDSHAKE_CRYPTO_BUFFER = 256
 
 
 class Flushable(Protocol):
@@ -94,8 +98,10 @@ def nothing_to_send(quic: QuicConnection) -> bool:
 
 def free_handshake_buffers(quic: QuicConnection) -> bool:
     """Drop the INITIAL and HANDSHAKE crypto buffers once the handshake is confirmed
-    (their packet number spaces are discarded then: RFC 9001 section 4.9). Returns
-    whether it did. The ONE_RTT one stays: TLS may still write there (session tickets)."""
+    (their packet number spaces are discarded then: RFC 9001 section 4.9), and shrink a
+    server's ONE_RTT one: aioquic's TLS server answers any message after the handshake
+    with an alert before writing (tls.py, SERVER_POST_HANDSHAKE; session tickets are
+    written with its Finished). Returns whether it did (once per connection)."""
     buffers = quic._crypto_buffers
     if not quic._handshake_confirmed or len(buffers) <= 1:
         return False
@@ -103,6 +109,10 @@ def free_handshake_buffers(quic: QuicConnection) -> bool:
         buffer = buffers.get(epoch)
         if buffer is not None and buffer.tell() == 0:
             del buffers[epoch]
+    one_rtt = buffers.get(Epoch.ONE_RTT)
+    if (one_rtt is not None and one_rtt.tell() == 0
+            and quic.tls.state == State.SERVER_POST_HANDSHAKE):
+        buffers[Epoch.ONE_RTT] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
     return True
 
 
@@ -113,5 +123,5 @@ ATTRIBUTES: tuple[str, ...] = (
     "_handshake_confirmed", "_handshake_done_pending", "_retire_connection_ids",
     "_streams_blocked_pending", "_network_paths", "_spaces", "_host_cids",
     "_local_max_data", "_local_max_streams_bidi", "_local_max_streams_uni",
-    "_crypto_streams", "_streams", "_crypto_buffers",
+    "_crypto_streams", "_streams", "_crypto_buffers", "tls",
 )
