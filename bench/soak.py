@@ -28,8 +28,15 @@ within a fault window (from 1 s before the fault until its recovery plus ``--set
 At the end, churn stops, the mesh settles, and every steady peer's member list (built
 from frames exactly as the real client does) is compared with who is really there:
 *stale* members (listed, gone) and *missing* members (there, not listed), and states
-older than the member's last. Node RSS is sampled every 10 s; error and warning lines
-of the node logs are counted.
+older than the member's last. Node RSS (and its anonymous part, RssAnon) is sampled
+every 10 s; growth is measured from the end of warm-up (the ramp-up plus up to a
+minute, and a minute of each process) to the last sample before churn stops, so both
+ends are under the same load. Error and warning lines of the node logs are counted.
+
+Memory investigation (docs/soak.md): ``--memwatch SECONDS`` makes the nodes log RSS,
+glibc's heap, pymalloc blocks and live objects by type (bench/memwatch.py), ``--trace``
+adds tracemalloc from the end of the ramp-up, ``--node-env KEY=VALUE`` sets node
+settings or glibc tunables (``MALLOC_TRIM_INTERVAL=0``, ``MALLOC_ARENA_MAX=2``).
 
 The report is printed and written to ``--out`` (``soak.json``); the exit status is 1
 when a steady-state loss, a duplicate, a stale or missing member, a stale state, an
@@ -313,14 +320,19 @@ def worker_main(plan_json: str, worker: int, out: str) -> int:
 # -- the orchestrator ---------------------------------------------------------------------
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS, and its anonymous part (the heap: what the process allocated; the rest is
+    mapped files such as libpython, counted as their pages are first touched)."""
+    out = {"rss_kib": 0, "anon_kib": 0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+                out["rss_kib"] = int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                out["anon_kib"] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return out
 
 
 @dataclass
@@ -337,10 +349,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="prscd-soak-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     base = free_port_block(12)
-    cluster = Cluster(out_dir / "cluster", Ports(nats=base, http=base + 3, gateway=base + 6,
-                                                 node=base + 9))
     duration = args.minutes * 60
     ramp = min(max(10.0, args.peers / 50), duration * 0.2)
+    node_env = memwatch_env(args, out_dir, warm_s=3.0 + ramp) if args.memwatch else {}
+    node_env.update(kv.split("=", 1) for kv in args.node_env)
+    cluster = Cluster(out_dir / "cluster", Ports(nats=base, http=base + 3, gateway=base + 6,
+                                                 node=base + 9), node_env=node_env)
     settle = args.settle
     report: dict[str, Any] = {"args": vars(args), "out": str(out_dir)}
     print(f"soak: {args.peers} peers, {args.minutes:g} min, cluster in {out_dir}", flush=True)
@@ -374,7 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     proc = cluster.procs.get(("node", r))
                     if proc is not None:
                         rss.append({"t": round(now - t0, 1), "region": r, "pid": proc.pid,
-                                    "rss_kib": rss_kib(proc.pid)})
+                                    **rss_kib(proc.pid)})
                 next_sample += 10
             if done_faults < len(fault_at) and now >= fault_at[done_faults]:
                 if done_faults == 0:
@@ -402,6 +416,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cluster.down()
     (out_dir / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def memwatch_env(args: argparse.Namespace, out_dir: Path, warm_s: float) -> dict[str, str]:
+    """Settings for bench/memwatch.py in the node processes (through bench/memsite)."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT / "bench" / "memsite"), str(ROOT)]),
+            "PRSCD_MEMWATCH": str(out_dir / "memwatch"),
+            "PRSCD_MEMWATCH_EVERY": str(args.memwatch),
+            "PRSCD_MEMWATCH_TRACE_AT": str(warm_s if args.trace else -1)}
 
 
 def nats_restart(cluster: Any, region: str, settle: float) -> Fault:
@@ -499,21 +521,28 @@ def analyse(plan: Plan, results: list[dict[str, Any]], faults: list[Fault],
                 log_lines[f"{m.group(1)} {m.group(2)} {text}"] += 1
                 if m.group(1) != "warning":
                     errors.append(line[:300])
-    # RSS per process incarnation: after warm-up vs the end.
+    # RSS per process incarnation: after warm-up vs the end of steady traffic. Both ends
+    # are taken under the same load: the end is the last sample before churn stops (the
+    # run's last samples fall while the peers close, which moves memory around).
     rss_report = []
+    loaded_until = plan.stop - plan.t0
     for (region, pid), samples in _group(rss).items():
         # Warm-up: the run's, and a minute of this process (a restarted node fills up).
         since = max(warm - plan.t0, samples[0]["t"] + 60)
-        after = [s for s in samples if s["t"] >= since]
+        after = [s for s in samples if since <= s["t"] <= loaded_until]
         first = samples[0]["rss_kib"]
-        base = after[0]["rss_kib"] if after else None
-        last = samples[-1]["rss_kib"]
+        start, end = (after[0], after[-1]) if after else (None, samples[-1])
+        base = start["rss_kib"] if start else None
+        last = end["rss_kib"]
         rss_report.append({
             "region": region, "pid": pid, "first_kib": first,
             "after_warmup_kib": base, "end_kib": last,
             "growth_after_warmup_pct": round(100 * (last - base) / base, 2) if base else None,
-            "samples": len(samples), "span_s": samples[-1]["t"] - samples[0]["t"],
-            "series_kib": [[s["t"], s["rss_kib"]] for s in samples]})
+            "anon_after_warmup_kib": start["anon_kib"] if start else None,
+            "anon_end_kib": end["anon_kib"],
+            "measured_s": [start["t"], end["t"]] if start else None,
+            "samples": len(samples), "span_s": end["t"] - samples[0]["t"],
+            "series_kib": [[s["t"], s["rss_kib"], s["anon_kib"]] for s in samples]})
     counts: Counter[str] = Counter()
     client_errors: Counter[str] = Counter()
     latency: list[float] = []
@@ -588,7 +617,9 @@ def summary(report: dict[str, Any]) -> str:
     for row in report["rss"]:
         lines.append(f"  {row['region']:9} pid {row['pid']:>7}: first {row['first_kib']} "
                      f"after warm-up {row['after_warmup_kib']} end {row['end_kib']} "
-                     f"growth {row['growth_after_warmup_pct']}% over {row['span_s']:.0f}s")
+                     f"growth {row['growth_after_warmup_pct']}% over {row['span_s']:.0f}s "
+                     f"(anon {row['anon_after_warmup_kib']} -> {row['anon_end_kib']}, "
+                     f"measured {row['measured_s']})")
     lines.append(f"node log error lines   {report['node_log']['error_lines']}")
     for msg, n in report["node_log"]["by_message"].items():
         lines.append(f"  {n:6} {msg}")
@@ -612,6 +643,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=8.0,
                         help="seconds after a fault's recovery (and at the end) to settle")
     parser.add_argument("--out", default="", help="directory for soak.json and logs")
+    parser.add_argument("--memwatch", type=float, default=0.0, metavar="SECONDS",
+                        help="nodes log memory stats to OUT/memwatch every SECONDS "
+                             "(bench/memwatch.py)")
+    parser.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the node processes (repeatable), e.g. "
+                             "MALLOC_ARENA_MAX=2")
+    parser.add_argument("--trace", action="store_true",
+                        help="with --memwatch: tracemalloc from the end of the ramp-up")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--plan", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
