@@ -320,3 +320,37 @@ def test_library_loggers_are_quiet_unless_debug() -> None:
         for name in ("websockets", "aioquic", "quic", "http3", "nats", "asyncio", "aiohttp",
                      "aiohttp.access"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+# -- (1) HTTP/3 frame lengths ---------------------------------------------------------------
+
+
+def _h3_varint(value: int) -> bytes:
+    for size, prefix in ((1, 0x00), (2, 0x40), (4, 0x80), (8, 0xC0)):
+        if value < 1 << (8 * size - 2):
+            return (value | (prefix << (8 * size - 8))).to_bytes(size, "big")
+    raise ValueError(value)
+
+
+def test_frame_headers_are_checked_as_they_arrive_whatever_the_packets() -> None:
+    from node.transports.h3frames import FrameLengths
+
+    frames = FrameLengths(1000)
+    small = _h3_varint(0x1) + _h3_varint(10) + bytes(10)  # HEADERS of 10 bytes
+    data = _h3_varint(0x0) + _h3_varint(50_000) + bytes(50_000)  # DATA: streamed, any size
+    stream = small + data + small
+    for i in range(0, len(stream), 7):  # in 7-byte packets: headers split across them
+        assert frames.check(0, stream[i:i + 7], False) == ""
+    huge = _h3_varint(0x1) + _h3_varint(4 * 1024 * 1024)
+    reason = ""
+    for i in range(len(huge)):  # refused on the byte that completes the declared length
+        reason = frames.check(0, huge[i:i + 1], False)
+        if reason:
+            assert i == len(huge) - 1
+            break
+    assert reason == "HTTP/3 frame of type 0x1 declares 4194304 bytes, more than 1000"
+    assert 0 not in frames.streams
+    # A WebTransport bidirectional stream: raw data after its signal, not frames.
+    assert frames.check(4, _h3_varint(0x41) + _h3_varint(0) + bytes(100_000), False) == ""
+    assert frames.check(4, bytes(100_000), True) == ""
+    assert 4 not in frames.streams

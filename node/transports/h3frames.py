@@ -43,6 +43,8 @@ class FrameLengths:
         """Why this data must not reach aioquic ("" if it may)."""
         state = self.streams.get(stream_id, [0, b""])
         if state is None:
+            if ended:
+                del self.streams[stream_id]
             return ""
         left, head = state  # type: ignore[misc]
         assert isinstance(left, int) and isinstance(head, bytes)
@@ -62,7 +64,10 @@ class FrameLengths:
             at += length[1] - len(head)
             head = b""
             if kind[0] == _WEBTRANSPORT_STREAM:
-                self.streams[stream_id] = None
+                if ended:
+                    self.streams.pop(stream_id, None)
+                else:
+                    self.streams[stream_id] = None
                 return ""
             if kind[0] != _DATA and length[0] > self.limit:
                 self.streams.pop(stream_id, None)

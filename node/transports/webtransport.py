@@ -252,6 +252,7 @@ class H3Protocol(QuicConnectionProtocol):
                 log.exception("webtransport event failed: %r", type(h3_event).__name__)
         # Stream resets produce no H3 event.
         if isinstance(event, StreamReset):
+            self._frames.forget(event.stream_id)
             self._stream_reset(event.stream_id, event.error_code)
         elif isinstance(event, StopSendingReceived):
             session = self.sessions.get(event.stream_id)
