@@ -238,6 +238,10 @@ class NodeMetrics:
                        "handled.", node.presence.handled)
         yield _counter("prscd_frames_delivered_total", "Frames queued to local peers.",
                        node.delivered)
+        yield _counters("prscd_presence_grace_total", "Vanished peers (keepalive or idle "
+                        "timeout) held for PRESENCE_GRACE, by outcome: held, returned (back in "
+                        "time, no offline), released (offline after the grace).", ["outcome"],
+                        {(k,): v for k, v in node.grace_counts.items()})
         dropped = dict(node.presence.dropped)
         yield _counters("prscd_dropped_total", "Dropped or refused, by reason (/health "
                         "dropped).", ["reason"], {(r,): n for r, n in sorted(dropped.items())})

@@ -125,6 +125,8 @@ async def test_a_frozen_real_client_is_offline_for_the_other_region_within_5s(
     print(f"frozen WebSocket client gone for the other region after {elapsed:.2f} s")
     assert elapsed <= BOUND, elapsed
     assert a.node.grace_counts["held"] == 1 and a.node.grace_counts["released"] == 1
+    metrics = a.node.metrics_text()
+    assert 'prscd_presence_grace_total{outcome="released"} 1.0' in metrics, metrics[-2000:]
 
 
 async def test_a_silent_webtransport_peer_is_offline_for_the_other_region_within_5s(
