@@ -24,6 +24,9 @@ from typing import Any
 from bench.procs import Pool, Server, start_node
 
 TRANSPORTS = ("webtransport", "websocket")
+#: Generous QUIC idle settings: 500 aioquic clients in two processes on a busy machine can
+#: stall for seconds, and a receiver cut by the idle timeout turns into presence events.
+IDLE = {"WT_IDLE_TIMEOUT": "10", "WT_PING_INTERVAL": "4"}
 
 
 def udp_errors() -> dict[str, int]:
@@ -73,7 +76,7 @@ def measure(pool: Pool, log_dir: Path, transport: str, *, peers: int, windows: t
             env: dict[str, str] | None = None, **connect: Any) -> dict[str, Any]:
     """One fresh node; ``env`` may point PYTHONPATH at another checkout (before/after)."""
     server = start_node(log_dir, tls=True, name=f"prscd-{transport}",
-                        env={"WEBTRANSPORT": "true", **(env or {})})
+                        env={"WEBTRANSPORT": "true", **IDLE, **(env or {})})
     try:
         time.sleep(0.5)
         rss0 = server.rss_kib()

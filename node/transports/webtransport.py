@@ -68,6 +68,8 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 CLOSE_GRACE = 0.5
 #: HTTP/3's "no error" application code, for connections the node ends on purpose.
 H3_NO_ERROR = 0x100
+#: Asked for the QUIC sockets' receive buffer (the kernel caps it at net.core.rmem_max).
+UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 #: AEAD tag of every 1-RTT packet (all QUIC v1 cipher suites use 16 bytes).
 AEAD_TAG_SIZE = 16
 
@@ -515,6 +517,9 @@ class WebTransportListener:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 # As the WebSocket server: several worker processes may share the port.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                # Every peer's packets share this socket: 500 ACKs of one fan-out message
+                # overflowed the default 208 KiB (kernel RcvbufErrors). Capped by rmem_max.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
                 sock.bind((address, port))
             except OSError as exc:
                 sock.close()
