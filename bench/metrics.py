@@ -13,9 +13,9 @@ on/off ratios (goal: CPU within 5%).
 The fan-out's ratios move by +-15% between rounds on a shared machine, more than the 5%
 to be measured, so :func:`in_process` also times the node's own work per frame (its
 ``receive`` with 10 receivers whose links only count: no socket, so the ratio is a
-pessimistic bound) in alternating blocks of one process, CPU time from
-``time.process_time``. Twice: as shipped with the embedded bus (no publish timing), and
-with the bus publish timed as it is on NATS.
+pessimistic bound) on one node, switching the metrics' hot-path work on and off between
+alternating blocks, CPU time from ``time.process_time``: as shipped with the embedded bus
+(no publish timing), with the bus publish timed as on NATS, and an A/A control.
 """
 
 from __future__ import annotations
@@ -104,13 +104,12 @@ def run(log_dir: Path, *, peers: int = 1000, narrow: int = 10, rounds: int = 4,
             "scrape_bytes": median("on", "scrape_bytes") / max(1, median("on", "scrapes")),
         }
     quick = rounds < 4
-    sizes = {"frames": 1000, "blocks": 20} if quick else {}
+    sizes = {"frames": 500, "blocks": 40} if quick else {}
     out["in_process"] = {
         "as_shipped": asyncio.run(in_process(**sizes)),
         "publish_timed": asyncio.run(in_process(publish_timed=True, **sizes)),
         # The noise floor: two nodes both METRICS=false, measured the same way.
-        "a_a_control": asyncio.run(in_process(modes={"on": MODES["off"], "off": MODES["off"]},
-                                              **sizes))}
+        "a_a_control": asyncio.run(in_process(control=True, **sizes))}
     out["within_5_percent"] = all(out[s]["cpu_ratio_on_vs_off"] <= 1.05 for s in shapes)
     out["rounds_detail"] = results
     return out
@@ -124,48 +123,51 @@ class _CountingLink:
         pass
 
 
-async def in_process(*, receivers: int = 10, frames: int = 2000, blocks: int = 40,
-                     publish_timed: bool = False,
-                     modes: dict[str, dict[str, str]] = MODES) -> dict[str, Any]:
-    """CPU microseconds per data frame through ``Node.receive``, METRICS on vs off
-    (``modes``: the A/A control passes off twice)."""
+async def in_process(*, receivers: int = 10, frames: int = 500, blocks: int = 200,
+                     publish_timed: bool = False, control: bool = False) -> dict[str, Any]:
+    """CPU microseconds per data frame through ``Node.receive`` on one node, the metrics'
+    hot-path work on ("on") and off ("off": what METRICS=false runs) in alternating
+    blocks. One node, so memory layout and warm-up are shared; ``control``: an A/A run
+    that toggles nothing (the noise floor); ``publish_timed``: the bus publish timed too,
+    as on NATS."""
     from node.app import App
     from node.config import Settings
     from node.metrics import FRAME_SAMPLE
     from node.ports import Admission
 
     tmp = Path(tempfile.mkdtemp(prefix="prscd-metrics-bench-"))
-    apps, senders = {}, {}
-    for mode, env in modes.items():
-        settings = Settings.from_env({"PORT": "0", "HOST": "127.0.0.1", "TLS": "false",
-                                      "WEBTRANSPORT": "false", "RATE_LIMIT": "0",
-                                      "PID_FILE": str(tmp / f"{mode}.pid"), **env})
-        app = apps[mode] = App(settings)
-        await app.start()
-        node = app.node
-        if publish_timed and node.metrics.publish is not None:
-            # As on NATS (node/server.py).
-            node.source.timer, node.source.sample = node.metrics.publish.observe, FRAME_SAMPLE
-        for i in range(receivers):
-            admission = Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", f"p{i}", "app")
-            peer = node.open(admission, "websocket", _CountingLink())
-            await node.receive(peer, join_frame("room", f"p{i}"))
-            senders.setdefault(mode, peer)
+    settings = Settings.from_env({"PORT": "0", "HOST": "127.0.0.1", "TLS": "false",
+                                  "WEBTRANSPORT": "false", "RATE_LIMIT": "0",
+                                  "PID_FILE": str(tmp / "node.pid"), "METRICS": "true"})
+    app = App(settings)
+    await app.start()
+    node = app.node
+    assert node.metrics.publish is not None
+    timer = node.metrics.publish.observe if publish_timed else None
+    node.source.sample = FRAME_SAMPLE
+    sender = None
+    for i in range(receivers):
+        admission = Admission(HTTPStatus.SWITCHING_PROTOCOLS, "", f"p{i}", "app")
+        peer = node.open(admission, "websocket", _CountingLink())
+        await node.receive(peer, join_frame("room", f"p{i}"))
+        sender = sender or peer
+    assert sender is not None
     frame = data_frame("room", "cursor", '{"x":1,"y":2}')
-    per: dict[str, list[float]] = {mode: [] for mode in modes}
+    per: dict[str, list[float]] = {"on": [], "off": []}
     try:
         for b in range(blocks):
             for mode in (("on", "off") if b % 2 == 0 else ("off", "on")):
-                receive, peer = apps[mode].node.receive, senders[mode]
+                on = mode == "on" and not control
+                node._timed = on
+                node.source.timer = timer if on else None
                 t0 = time.process_time()
                 for _ in range(frames):
-                    await receive(peer, frame)
+                    await node.receive(sender, frame)
                 per[mode].append((time.process_time() - t0) / frames * 1e6)
     finally:
-        for app in apps.values():
-            await app.stop()
-    on, off = statistics.median(per["on"]), statistics.median(per["off"])
+        await app.stop()
+    on_us, off_us = statistics.median(per["on"]), statistics.median(per["off"])
     pairs = [a / b for a, b in zip(per["on"], per["off"], strict=True)]
-    return {"receivers": receivers, "us_per_frame_on": on, "us_per_frame_off": off,
-            "ratio": on / off, "ratio_paired_median": statistics.median(pairs),
-            "added_us_per_frame": on - off}
+    return {"receivers": receivers, "us_per_frame_on": on_us, "us_per_frame_off": off_us,
+            "ratio": on_us / off_us, "ratio_paired_median": statistics.median(pairs),
+            "added_us_per_frame": on_us - off_us}
