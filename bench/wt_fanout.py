@@ -24,9 +24,10 @@ from typing import Any
 from bench.procs import Pool, Server, start_node
 
 TRANSPORTS = ("webtransport", "websocket")
-#: Generous QUIC idle settings: 500 aioquic clients in two processes on a busy machine can
-#: stall for seconds, and a receiver cut by the idle timeout turns into presence events.
-IDLE = {"WT_IDLE_TIMEOUT": "10", "WT_PING_INTERVAL": "4"}
+#: Generous keepalive settings for both transports: 500 clients in two processes on a busy
+#: machine can stall for seconds, and a receiver cut as vanished turns into presence events.
+IDLE = {"WT_IDLE_TIMEOUT": "10", "WT_PING_INTERVAL": "4", "PING_INTERVAL": "10",
+        "PING_TIMEOUT": "20"}
 
 
 def udp_errors() -> dict[str, int]:
