@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procs import Pool, Server, start_node
+from testkit.net import free_port
 
 TRANSPORTS = ("webtransport", "websocket")
 #: Generous keepalive settings for both transports: 500 clients in two processes on a busy
@@ -76,7 +77,9 @@ def measure(pool: Pool, log_dir: Path, transport: str, *, peers: int, windows: t
             size: int, warmup: float, duration: float, tag: str,
             env: dict[str, str] | None = None, **connect: Any) -> dict[str, Any]:
     """One fresh node; ``env`` may point PYTHONPATH at another checkout (before/after)."""
-    server = start_node(log_dir, tls=True, name=f"prscd-{transport}",
+    # A UDP port too, from below the ephemeral range: bench.procs.free_port's (bind to 0)
+    # was once taken by a receiver's UDP socket before the node bound it.
+    server = start_node(log_dir, tls=True, name=f"prscd-{transport}", port=free_port(),
                         env={"WEBTRANSPORT": "true", **IDLE, **(env or {})})
     try:
         time.sleep(0.5)
