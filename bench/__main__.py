@@ -39,6 +39,9 @@ Benchmarks (``--only`` takes a comma-separated list):
   delivery vs raw NATS through the same proxies, newcomer/departure convergence, false
   node-downs, the same with 1% of gateway chunks stalled 500 ms, a far node killed
   (2 + 2 minutes here; ``python -m bench.geo --minutes N`` for other lengths)
+- ``keepalive``: 10,000 idle WebSocket and 1,000 idle WebTransport peers: node CPU per idle
+  peer at the default keepalive vs keepalive off, alternating rounds; closes by code
+  (a false timeout) (``bench/keepalive.py``)
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from typing import Any
 from bench.procs import ROOT
 
 ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
-       "native", "webtransport", "geo", "workers", "metrics", "hostile")
+       "native", "webtransport", "geo", "workers", "metrics", "hostile", "keepalive")
 
 
 def machine() -> dict[str, Any]:
@@ -91,6 +94,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         geo,
         hostile,
         joinstorm,
+        keepalive,
         latency,
         members_query,
         metrics,
@@ -142,6 +146,9 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         "geo": lambda: geo.run(logs, **({"quick": True} if quick else {"minutes": 4.0})),
         "hostile": lambda: hostile.run(logs, **({"duration": 2.0, "rounds": 1}
                                                 if quick else {})),
+        "keepalive": lambda: keepalive.run(logs, **({"ws_peers": 500, "wt_peers": 50,
+                                                     "rounds": 1, "window": 2.0,
+                                                     "settle": 0.5} if quick else {})),
     }
     todo = list(names)
     if "fanout" in todo:
@@ -332,6 +339,12 @@ def markdown(r: dict[str, Any]) -> str:
         from bench.geo import table_rows as geo_rows
 
         for cells in geo_rows(g):
+            row(*cells)
+    ka = r.get("keepalive")
+    if ka is not None and not skipped("keepalive", ka):
+        from bench.keepalive import table_rows as keepalive_rows
+
+        for cells in keepalive_rows(ka):
             row(*cells)
     wk = r.get("workers")
     if wk is not None and not skipped("workers", wk):

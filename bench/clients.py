@@ -395,4 +395,5 @@ async def nats_close(state: WorkerState) -> bool:
 
 
 # The WebTransport fan-out's commands live beside their client (registered on import).
-from bench import wt_clients  # noqa: E402, F401
+# So are bench/keepalive.py's (keepalive_touch).
+from bench import keepalive, wt_clients  # noqa: E402, F401

@@ -69,3 +69,27 @@ def test_workers_benchmark_runs_one_and_two_workers(tmp_path: Path) -> None:
         assert len(x["worker_rss_idle_kib"]) == 2 and len(x["worker_rss_idle_kib_1"]) == 1, x
         assert x["lost_1"] == 0 and x["lost_2"] == 0, x
     assert "--workers 2 vs 1" in (tmp_path / "results.md").read_text()
+
+
+def test_keepalive_benchmark_measures_both_transports_without_closes(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "keepalive", "--quick", "--out",
+         str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ka = json.loads((tmp_path / "results.json").read_text())["keepalive"]
+    assert "error" not in ka, ka
+    for transport, peers in (("websocket", 500), ("webtransport", 50)):
+        x = ka[transport]
+        assert "error" not in x and x["peers"] == peers, x
+        for config in ("keepalive", "off"):
+            for node in x["rounds_detail"][config]:
+                # No false timeout: every peer open from connect to the end of the window.
+                assert node["opened"] == node["open_start"] == node["open_end"] == peers, node
+                assert node["clients_open"] == peers and node["closed_at_clients"] == {}, node
+                assert not node["closed_by_node_connecting"], node
+                assert not node["closed_by_node_window"], node
+        # Pings cost the node something; off, an idle node spends (almost) nothing.
+        assert x["us_per_peer_s_keepalive"] > 0, x
+    assert "keepalive cost" in (tmp_path / "results.md").read_text()
