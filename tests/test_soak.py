@@ -34,3 +34,7 @@ def test_short_soak_loses_nothing_and_leaves_nobody_stale(tmp_path: Path) -> Non
             presence["steady_not_joined_at_end"]) == (0, 0, 0, 0), presence
     assert report["node_log"]["error_lines"] == 0, report["node_log"]["errors"]
     assert report["client_counts"]["churn_leaves"] and report["client_counts"]["churn_aborts"]
+    # RSS of each node process: VmRSS and RssAnon, measured under load (docs/soak.md).
+    assert len(report["rss"]) == 4, [r["region"] for r in report["rss"]]
+    for row in report["rss"]:
+        assert row["end_kib"] >= row["anon_end_kib"] > 0, row["region"]
