@@ -159,9 +159,9 @@ class Settings:
 
     max_message_bytes: int = _S("limits", "MAX_MESSAGE_SIZE", "int", 64 * 1024,
                                 "Largest message in bytes; a bigger one closes with 1009.")
-    ping_interval: float = _S("limits", "PING_INTERVAL", "seconds", 1.0,
+    ping_interval: float = _S("limits", "PING_INTERVAL", "seconds", 2.0,
                               "Seconds between server pings; 0 = off (docs/presence.md).")
-    ping_timeout: float = _S("limits", "PING_TIMEOUT", "seconds", 2.0,
+    ping_timeout: float = _S("limits", "PING_TIMEOUT", "seconds", 5.0,
                              "A peer not answering a ping this long has vanished (close "
                              "1011; offline after PRESENCE_GRACE).")
     presence_grace: float = _S("limits", "PRESENCE_GRACE", "seconds", 1.5,
@@ -203,9 +203,9 @@ class Settings:
 
     webtransport: bool = _S("WebTransport", "WEBTRANSPORT", "bool", True,
                             "HTTP/3 on UDP PORT, same certificate (needs TLS); false = off.")
-    wt_idle_timeout: float = _S("WebTransport", "WT_IDLE_TIMEOUT", "seconds", 2.0,
+    wt_idle_timeout: float = _S("WebTransport", "WT_IDLE_TIMEOUT", "seconds", 5.0,
                                 "Seconds without a packet from a peer before its session ends.")
-    wt_ping_interval: float = _S("WebTransport", "WT_PING_INTERVAL", "seconds", 1.0,
+    wt_ping_interval: float = _S("WebTransport", "WT_PING_INTERVAL", "seconds", 2.0,
                                  "Seconds between server QUIC PINGs; 0 = off; keep well under "
                                  "the idle timeout.")
     wt_stop_close: str = _S("WebTransport", "WT_STOP_CLOSE", "choice", "connection",

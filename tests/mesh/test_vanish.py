@@ -1,5 +1,6 @@
-"""A vanished peer is offline for the others within 5 s; one back within the grace period
-never flickers (issue 17). Two nodes on a real nats-server, default keepalive timings."""
+"""A vanished peer is offline for the others within 5 s (with the fast keepalive profile);
+one back within the grace period never flickers (issue 17). Two nodes on a real
+nats-server."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from tests.mesh_helpers import NatsServer, wait_until
 from tests.test_webtransport import is_op, path, ws_until
 from tests.wt_client import wt_connect
 
-#: The defaults (node/config.py), stated here so a change to them is a change to this test;
-#: node_factory's own PING_INTERVAL=10 is for tests that do not care.
+#: The fast profile of docs/presence.md (offline within 5 s); the defaults are slower (at
+#: most 8.5 s) until a late pong no longer closes a live peer (docs/presence.md).
 DEFAULTS = {"PING_INTERVAL": "1", "PING_TIMEOUT": "2", "PRESENCE_GRACE": "1.5",
             "WT_IDLE_TIMEOUT": "2", "WT_PING_INTERVAL": "1", "WEBTRANSPORT": "true"}
 #: Goal 5 s; a loaded 2-core machine may run timers late: allow a little, report the time.
