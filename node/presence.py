@@ -178,12 +178,11 @@ class Presence:
             return []
         if sig.op == protocol.PEER_STATE:
             self._keep_state(peer, sig.c, sig.pl)
+        back: list[Action] = []
         if sig.op == protocol.PEER_ONLINE:
             channel = self.realms[peer.app].channels[sig.c]
-            if channel.held:
+            if channel.held:  # its id back: after its online (see _returned)
                 back = self._returned(channel, peer.app, peer.client_id, here=True)
-                if back:
-                    return self._online(peer, sig, channel) + back
         if self.dedupe_state and sig.op is not None:
             channel = self.realms[peer.app].channels[sig.c]
             if sig.op == protocol.PEER_ONLINE:
@@ -194,13 +193,10 @@ class Presence:
                 return self._forward(peer, sig, _state_targets(channel, peer.sid, sig.pl))
         if sig.op == protocol.PEER_OFFLINE:
             return self._offline(peer, sig.c)
-        return self._forward(peer, sig)
-
-    def _online(self, peer: Peer, sig: Signalling, channel: Channel) -> list[Action]:
-        if self.dedupe_state:
-            _forget_sender(channel, peer.sid)
-            _wants_states(channel, peer.sid)
-        return self._forward(peer, sig)
+        actions = self._forward(peer, sig)
+        if back:
+            actions += back
+        return actions
 
     def disconnect(self, peer: Peer) -> list[Action]:
         """The connection is gone: every channel it joined hears ``peer_offline``."""
