@@ -1,4 +1,4 @@
-"""The benchmark command still runs (bench/ must not rot): a seconds-long fan-out.
+"""The benchmark commands still run (bench/ must not rot): seconds-long quick versions.
 
 Not a performance test: it checks that ``python -m bench`` starts prscd and the raw
 baseline as subprocesses, drives them from worker processes, and writes a JSON file
@@ -15,13 +15,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_fanout_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
+def quick(name: str, out: Path) -> dict:
+    """``python -m bench --only NAME --quick``: exit 0; the whole results.json."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "fanout", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--only", name, "--quick", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_fanout_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
+    results = quick("fanout", tmp_path)
     fan = results["fanout"]
     assert "error" not in fan, fan
     assert fan["tls"] is False and fan["peers"] == 200 and fan["message_bytes"] == 64
@@ -37,12 +42,7 @@ def test_fanout_benchmark_runs_and_reports_sane_numbers(tmp_path: Path) -> None:
 
 
 def test_native_ceiling_benchmark_runs_all_three_servers(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "native", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    nat = json.loads((tmp_path / "results.json").read_text())["native"]
+    nat = quick("native", tmp_path)["native"]
     assert "error" not in nat and "skipped" not in nat, nat
     assert set(nat["windows"]) == {"1", "32"}
     for row in nat["windows"].values():
@@ -56,12 +56,7 @@ def test_native_ceiling_benchmark_runs_all_three_servers(tmp_path: Path) -> None
 
 
 def test_workers_benchmark_runs_one_and_two_workers(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "workers", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    wk = json.loads((tmp_path / "results.json").read_text())["workers"]
+    wk = quick("workers", tmp_path)["workers"]
     assert "error" not in wk and "skipped" not in wk, wk
     assert [x["transport"] for x in wk["rows"]] == ["websocket", "webtransport"]
     for x in wk["rows"]:
@@ -72,13 +67,7 @@ def test_workers_benchmark_runs_one_and_two_workers(tmp_path: Path) -> None:
 
 
 def test_keepalive_benchmark_measures_both_transports_without_closes(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--only", "keepalive", "--quick", "--out",
-         str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ka = json.loads((tmp_path / "results.json").read_text())["keepalive"]
+    ka = quick("keepalive", tmp_path)["keepalive"]
     assert "error" not in ka, ka
     for transport, peers in (("websocket", 500), ("webtransport", 50)):
         x = ka[transport]
