@@ -178,7 +178,7 @@ class Presence:
             return []
         if sig.op == protocol.PEER_STATE:
             self._keep_state(peer, sig.c, sig.pl)
-        back: list[Action] = []
+        back: list[Action] | None = None  # (no list per frame on the hot path)
         if sig.op == protocol.PEER_ONLINE:
             channel = self.realms[peer.app].channels[sig.c]
             if channel.held:  # its id back: after its online (see _returned)
