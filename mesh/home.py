@@ -50,6 +50,11 @@ MARKER_TIMEOUT = 5.0
 #: The route is up; publishes are held until a second marker gets through: at most this.
 HOLD_TIMEOUT = 2.0
 DRAIN_TIMEOUT = 5.0
+#: After the cut, copies still arriving over the new path are dropped until none came for
+#: OVERLAP, but at most this long: a backlogged gateway link can bring the new path's copy
+#: of a message more than a second after the old path delivered it (seen once in CI: two
+#: messages doubled when the window was a fixed OVERLAP).
+COPIES_MAX = 10.0
 
 
 async def probe(url: str, timeout: float = 2.0) -> str:
@@ -125,6 +130,8 @@ class Overlap:
         self.started = time.monotonic()
         #: The last subscription made on the new connection (a join during the move).
         self.last_attach = self.started
+        #: When the old connection was drained (the cut), and the last copy dropped.
+        self.cut_at = self.last_copy = self.started
 
     def accept(self, sub: Any, conn: Any, msg: Any) -> bool:
         """True: deliver now. False: held (new connection, old not drained) or a copy."""
@@ -149,6 +156,7 @@ class Overlap:
         if not self.seen[key]:
             del self.seen[key]
         self.duplicates += 1
+        self.last_copy = time.monotonic()
         return True
 
     def key(self, sub: Any, msg: Any) -> tuple[int, str, bytes]:
@@ -417,13 +425,24 @@ class FailBack:
             if sub.active and not overlap.copy(overlap.key(sub, msg)):
                 await sub.deliver(msg)
         overlap.holding = False
-        # Copies still on their way over the new path are dropped for one more OVERLAP.
+        overlap.cut_at = time.monotonic()
+        # Copies still on their way over the new path are dropped for one more OVERLAP, and
+        # for as long as they keep coming (up to COPIES_MAX).
         asyncio.get_running_loop().call_later(OVERLAP, self._end_overlap, overlap)
 
     def _end_overlap(self, overlap: Overlap) -> None:
+        now = time.monotonic()
+        if (self.bus._overlap is overlap and now - overlap.last_copy < OVERLAP
+                and now - overlap.cut_at < COPIES_MAX):
+            asyncio.get_running_loop().call_later(OVERLAP, self._end_overlap, overlap)
+            return
         if self.bus._overlap is overlap:
             self.bus._overlap = None
         self.copies_dropped += overlap.duplicates
+        if overlap.last_copy - overlap.cut_at > OVERLAP:
+            log.info("nats copies over the new path kept coming %.1fs after the old connection "
+                     "was drained (a slow gateway link); %d dropped in all",
+                     overlap.last_copy - overlap.cut_at, overlap.duplicates)
 
     async def _abandon(self, new: list[_Connection], exc: BaseException) -> None:
         bus = self.bus

@@ -443,7 +443,7 @@ async def test_wan_a_region_away_from_home_pays_the_detour_then_goes_back(
         print(f"  {what}: eu-west->eu-west median {row[0][0]:.1f} ms (max {row[0][1]:.1f}); "
               f"eu-west->us-east median {row[1][0]:.1f} ms (max {row[1][1]:.1f})")
     for rec in caplog.records:
-        if rec.getMessage().startswith("nats back home on"):
+        if rec.getMessage().startswith(("nats back home on", "nats copies over")):
             print("  " + rec.getMessage())
     for name, seq in windows.items():
         print(f"  across the move back, {name}: {len(seq)} numbers, missing, doubled, out "
