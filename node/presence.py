@@ -420,22 +420,25 @@ class Presence:
     # The server API's local answers (node/answers.py merges them across nodes).
 
     def channels(self, app: str) -> list[dict[str, Any]]:
-        """``app``'s channels with local peers: name, and members (distinct ids here)."""
+        """``app``'s channels with local peers: name, and members (distinct ids here; a
+        held peer is one: the others have not seen it go, see Hold)."""
         realm = self.realms.get(app)
         if realm is None:
             return []
-        return [{"name": name, "members": len({p.client_id for p in channel.peers.values()})}
+        return [{"name": name, "members": len({p.client_id for p in channel.peers.values()}
+                                              | {p.client_id for p in channel.held.values()})}
                 for name, channel in sorted(realm.channels.items())]
 
     def members(self, app: str, name: str) -> list[dict[str, Any]]:
         """Each client id with local peers in the channel, once: ``connections`` here and
-        ``state``, the ``pl`` (msgpack) its connections sent last (None before any)."""
+        ``state``, the ``pl`` (msgpack) its connections sent last (None before any). A held
+        peer (vanished, within PRESENCE_GRACE) is listed: the others still see it."""
         realm = self.realms.get(app)
         channel = realm.channels.get(name) if realm else None
         if channel is None:
             return []
         by_id: dict[str, list[Any]] = {}  # id -> [connections, seq, state]
-        for p in channel.peers.values():
+        for p in [*channel.peers.values(), *channel.held.values()]:
             seq = p.state_seq.get(name, 0)
             entry = by_id.get(p.client_id)
             if entry is None:

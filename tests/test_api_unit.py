@@ -75,6 +75,21 @@ def test_state_follows_the_channel_and_goes_with_the_peer() -> None:
     assert a.states == {} and pr.members("app", "lobby") == []
 
 
+def test_a_held_peer_is_still_a_member_until_released() -> None:
+    """Within PRESENCE_GRACE a vanished peer is still on everyone's screen: the API agrees."""
+    pr = Presence("eu")
+    a, b = make(pr, "1", "alice"), make(pr, "2", "bob")
+    join(pr, a, color="red")
+    join(pr, b)
+    pr.hold(a)
+    assert [m["id"] for m in pr.members("app", "room")] == ["alice", "bob"]
+    assert pr.members("app", "room")[0]["state"] == pack({"id": "alice", "color": "red"})
+    assert pr.channels("app") == [{"name": "room", "members": 2}]
+    pr.release(a, "room")
+    assert [m["id"] for m in pr.members("app", "room")] == ["bob"]
+    assert pr.channels("app") == [{"name": "room", "members": 1}]
+
+
 def test_user_counts_connections_in_a_channel_or_not_per_app() -> None:
     pr = Presence("eu")
     a1, a2 = make(pr, "1", "alice"), make(pr, "2", "alice")
