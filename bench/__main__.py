@@ -165,6 +165,10 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
             results[name] = plans[name]()
         except Exception as exc:  # one broken benchmark must not lose the others
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        ratios = [x["ratio"] for x in results[name].get("rows", ()) if x.get("ratio")]
+        if name == "webtransport" and ratios:
+            # One figure per benchmark in results.json: goal 1's is its worst row.
+            results[name].setdefault("ratio", max(ratios))
         results[name]["wall_s"] = round(time.monotonic() - t0, 1)
         print(f"bench: {name} done in {results[name]['wall_s']} s", file=sys.stderr,
               flush=True)

@@ -19,12 +19,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.propagators.textmap import default_getter, default_setter
+from opentelemetry.context import Context, attach, detach
+from opentelemetry.propagators.textmap import default_getter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
@@ -35,7 +36,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
@@ -48,6 +49,51 @@ SERVER, PRODUCER, CONSUMER = SpanKind.SERVER, SpanKind.PRODUCER, SpanKind.CONSUM
 LEGACY_PORT = 14268
 OTLP_HTTP_PORT = 4318
 _PROPAGATOR = TraceContextTextMapPropagator()
+#: The parent of a root span, given explicitly: the SDK then skips looking up the current
+#: context (twice: the tracer and the parent-based sampler).
+ROOT = Context()
+
+
+class _CachedResource(Resource):
+    """A Resource whose hash is computed once. ``Resource.__hash__`` serializes the
+    attributes to JSON on every call, and the OTLP encoder hashes the resource of every
+    span it exports (to group them): 14% of the encoding in a profile at 100% sampling."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+
+class Hop:
+    """A span made current for a ``with`` block, ended on exit: what
+    ``Tracer.start_as_current_span`` does, without its two generator context managers
+    (a quarter of a span's cost on the hot path at 100% sampling). An exception is
+    recorded on the span, as there."""
+
+    __slots__ = ("_attributes", "_kind", "_name", "_parent", "_token", "_tracer", "span")
+
+    def __init__(self, tracer: trace.Tracer, name: str, kind: SpanKind,
+                 attributes: Mapping[str, Any] | None, parent: Context | None) -> None:
+        self._tracer, self._name, self._kind = tracer, name, kind
+        self._attributes, self._parent = attributes, parent
+
+    def __enter__(self) -> Span:
+        span = self.span = self._tracer.start_span(self._name, self._parent, self._kind,
+                                                   self._attributes)
+        self._token = attach(set_span_in_context(span))
+        return span
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        detach(self._token)
+        span = self.span
+        if isinstance(exc, Exception) and span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        span.end()
 
 
 def resolve_endpoint(jaeger_endpoint: str, extra: Mapping[str, str]) -> tuple[str, str | None]:
@@ -113,7 +159,8 @@ class Tracing:
             "cloud.region": mesh_id,
             "prscd.mesh_id": mesh_id,
         })
-        self.provider = TracerProvider(resource=resource, sampler=make_sampler(extra))
+        self.provider = TracerProvider(resource=_CachedResource(resource),
+                                       sampler=make_sampler(extra))
         if exporter is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -125,20 +172,26 @@ class Tracing:
     def span(self, name: str, kind: SpanKind = SpanKind.INTERNAL,
              attributes: Mapping[str, Any] | None = None,
              parent: Context | None = None) -> contextlib.AbstractContextManager[Span]:
-        """A child of the current span (or of ``parent``).
+        """A child of the current span (or of ``parent``; :data:`ROOT` for a new trace).
 
         Which node and region a span ran on is on the Resource (``service.instance.id``,
         ``cloud.region``), not repeated on every span: at 100% sampling each attribute
         is paid for on the hot path and again when encoding. Values must not be None.
         """
-        return self._tracer.start_as_current_span(name, context=parent, kind=kind,
-                                                  attributes=attributes)
+        return Hop(self._tracer, name, kind, attributes, parent)
 
     @staticmethod
-    def inject() -> dict[str, str]:
-        """W3C trace context of the current span, for bus message headers."""
-        headers: dict[str, str] = {}
-        _PROPAGATOR.inject(headers, setter=default_setter)
+    def inject(span: Span | None = None) -> dict[str, str]:
+        """W3C trace context of ``span`` (default: the current one), for bus message
+        headers: the ``traceparent`` the SDK's propagator writes, formatted here from the
+        span in hand (the propagator looks the span up again and goes through a setter)."""
+        ctx = (span or trace.get_current_span()).get_span_context()
+        if not ctx.is_valid:
+            return {}
+        headers = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-"
+                                  f"{ctx.trace_flags:02x}"}
+        if ctx.trace_state:
+            headers["tracestate"] = ctx.trace_state.to_header()
         return headers
 
     @staticmethod

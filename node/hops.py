@@ -9,11 +9,12 @@ attribute is paid for at 100% sampling, on the hot path and again when encoding.
     prscd.receive (SERVER) ... bus ... stream_function.receive (CONSUMER)
 
 The rules' work and the publish are not spans of their own: the count of peers reached
-(``prscd.delivered``) and the subject published to go on the hop's span, whose context
-travels in the bus headers. Five spans per cross-node message became two; spans are
-most of what tracing every message costs (docs/tracing.md). A publish with no traced
-hop around it (an offline the node sends for a peer, backend data) is a root
-``source.publish`` (PRODUCER) span.
+(``prscd.delivered``) goes on the hop's span, whose context travels in the bus headers.
+The subject is not repeated there: it follows from the span's app and channel and the
+node (Resource), and each other node's ``stream_function.receive`` carries it. Five
+spans per cross-node message became two; spans are most of what tracing every message
+costs (docs/tracing.md). A publish with no traced hop around it (an offline the node
+sends for a peer, backend data) is a root ``source.publish`` (PRODUCER) span.
 
 What is traced: every presence change (joins, leaves, states, offlines, node down) and a
 share of ``data`` messages (cursor moves), ``TRACE_DATA_RATIO`` (default 1%). The choice
@@ -32,7 +33,7 @@ from contextlib import AbstractContextManager
 from opentelemetry.trace import INVALID_SPAN, Span, get_current_span
 
 from mesh.bridge import TAG_PEER, MeshEvent, event_subject
-from mesh.tracing import CONSUMER, PRODUCER, SERVER, Tracing
+from mesh.tracing import CONSUMER, PRODUCER, ROOT, SERVER, Tracing
 from node.presence import Action, Deliver, Peer
 from node.protocol import DATA, Signalling
 
@@ -64,7 +65,7 @@ class Hops:
         return self.tracing.span("prscd.receive", SERVER, {
             "prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
             "prscd.app": peer.app, "prscd.channel": sig.c, "prscd.op": sig.op or sig.t,
-            "prscd.bytes": size})
+            "prscd.bytes": size}, parent=ROOT)
 
     def handle(self, rules: Callable[[Peer, Signalling], list[Action]], peer: Peer,
                sig: Signalling) -> list[Action]:
@@ -83,8 +84,7 @@ class Hops:
             return _NO_HEADERS
         span = get_current_span()
         if span.is_recording():
-            span.set_attribute("messaging.destination.name", self._subject(sig))
-            return contextlib.nullcontext(self.tracing.inject())
+            return contextlib.nullcontext(self.tracing.inject(span))
         if sig.t == DATA:
             return _NO_HEADERS
         return self._publish(sig)

@@ -82,3 +82,18 @@ def test_keepalive_benchmark_measures_both_transports_without_closes(tmp_path: P
         # Pings cost the node something; off, an idle node spends (almost) nothing.
         assert x["us_per_peer_s_keepalive"] > 0, x
     assert "keepalive cost" in (tmp_path / "results.md").read_text()
+
+
+def test_tracing_benchmark_measures_off_defaults_and_every_message(tmp_path: Path) -> None:
+    tr = quick("tracing", tmp_path)["tracing"]
+    assert "error" not in tr and "skipped" not in tr, tr
+    assert tr["rounds"] == 3 and tr["peers"] == 200
+    for config, rounds in tr["rounds_detail"].items():
+        assert len(rounds) == 3 and all(r["lost"] == 0 and r["delivered"] > 0 for r in rounds)
+        assert all(r["cpu_us_per_delivery"] > 0 for r in rounds), (config, rounds)
+    # Spans reached the OTLP sink: every message at 100%, about 1% at the defaults.
+    # (a round's last export can land in the next: not exactly 1)
+    assert 0.9 <= tr["spans_per_message"]["all"] <= 1.1, tr["spans_per_message"]
+    assert tr["spans_per_message"]["defaults"] < 0.1, tr["spans_per_message"]
+    assert tr["ratio"] > 0 and tr["ratio_all"] > 0
+    assert "tracing every message" in (tmp_path / "results.md").read_text()

@@ -1,12 +1,14 @@
-"""The tracing module on its own: endpoints, samplers, context across headers."""
+"""The tracing module on its own: endpoints, samplers, context across headers, spans."""
 
 from __future__ import annotations
 
 import pytest
+from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import INVALID_SPAN, SpanKind, StatusCode, get_current_span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mesh.tracing import Tracing, make_sampler, resolve_endpoint
+from mesh.tracing import ROOT, Tracing, make_sampler, resolve_endpoint
 
 pytestmark = pytest.mark.unit
 
@@ -60,3 +62,40 @@ def test_context_crosses_headers_between_two_nodes() -> None:
     assert got.resource.attributes["service.instance.id"] == "us-1"
     assert got.resource.attributes["cloud.region"] == "us"
     assert sent.resource.attributes["service.name"] == "prscd"
+
+
+def test_inject_writes_what_the_sdk_propagator_writes() -> None:
+    exp = InMemorySpanExporter()
+    node = Tracing(node_id="eu-1", mesh_id="eu", exporter=exp, batch=False)
+    parent = node.extract({"traceparent": "00-0af7651916cd43dd8448eb211c80319c-"
+                                          "b7ad6b7169203331-01", "tracestate": "vendor=x1"})
+    with node.span("stream_function.receive", SpanKind.CONSUMER, parent=parent) as span:
+        ours = node.inject(span)
+        theirs: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(theirs)
+        assert node.inject() == ours  # the current span's, looked up
+    assert ours == theirs and ours["tracestate"] == "vendor=x1", ours
+    assert ours["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert node.inject() == {}, "no span current: no headers"
+
+
+def test_a_span_records_an_exception_and_leaves_the_context_as_it_was() -> None:
+    exp = InMemorySpanExporter()
+    node = Tracing(node_id="n", mesh_id="m", exporter=exp, batch=False)
+    with pytest.raises(KeyError), node.span("prscd.receive", SpanKind.SERVER, {"a": "b"},
+                                            parent=ROOT) as span:
+        assert get_current_span() is span
+        raise KeyError("k")
+    assert get_current_span() is INVALID_SPAN
+    [done] = exp.get_finished_spans()
+    assert done.status.status_code is StatusCode.ERROR and "KeyError" in done.status.description
+    assert [e.name for e in done.events] == ["exception"] and done.parent is None
+    assert done.attributes == {"a": "b"}
+
+
+def test_the_resource_hash_is_the_sdks_computed_once() -> None:
+    node = Tracing(node_id="n", mesh_id="m", exporter=InMemorySpanExporter())
+    assert node.provider is not None
+    resource = node.provider.resource
+    same = Resource(resource.attributes, resource.schema_url)
+    assert hash(resource) == hash(same) and resource == same
