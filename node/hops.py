@@ -103,19 +103,14 @@ class Hops:
         """An event from another node; yields the dispatch span (set its count)."""
         if not self.on or (not event.message.headers and self._skip(event.sig)):
             return _OFF
-        return self._dispatch(event)
-
-    @contextlib.contextmanager
-    def _dispatch(self, event: MeshEvent) -> Iterator[Span]:
         sig = event.sig
-        attrs = {"messaging.system": self.bus_kind, "messaging.operation": "receive",
-                 "messaging.destination.name": event.message.subject,
-                 "prscd.origin.mesh_id": sig.mesh or "", "prscd.origin.node_id": event.node,
-                 "prscd.tag": event.tag, "prscd.app": sig.app or "", "prscd.channel": sig.c,
-                 "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""}
-        parent = self.tracing.extract(event.message.headers)
-        with self.tracing.span("stream_function.receive", CONSUMER, attrs, parent=parent) as span:
-            yield span
+        return self.tracing.span("stream_function.receive", CONSUMER, {
+            "messaging.system": self.bus_kind, "messaging.operation": "receive",
+            "messaging.destination.name": event.message.subject,
+            "prscd.origin.mesh_id": sig.mesh or "", "prscd.origin.node_id": event.node,
+            "prscd.tag": event.tag, "prscd.app": sig.app or "", "prscd.channel": sig.c,
+            "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""},
+            parent=self.tracing.extract(event.message.headers))
 
     def disconnect(self, peer: Peer) -> AbstractContextManager[Span]:
         if not self.on:
