@@ -14,6 +14,11 @@ two thirds of the node's CPU went to building packets, much of it building nothi
   from aioquic's state; a turn's flush then skips the packet builder.
 * :func:`free_handshake_buffers`: the three 16 KiB crypto buffers that aioquic keeps for
   the connection's life.
+* :func:`slim_connection` and :func:`after_handshake`: the rest of what an idle
+  connection kept for nothing (bench/wt_memory.py measures it; docs/performance.md):
+  the frame-handler table built per connection, eight connection ids each way, the
+  handshake's keys, packet spaces and crypto streams, a set of received packet numbers
+  that grows to 256 entries, and a QPACK dynamic table the node never needs.
 
 These read aioquic internals (``pyproject.toml`` pins the version range;
 tests/test_quic_turn.py checks each assumption against real connections).
@@ -22,10 +27,16 @@ tests/test_quic_turn.py checks each assumption against real connections).
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from functools import partial
+from types import MethodType
+from typing import Any, Protocol
 
+import pylsqpack
 from aioquic.buffer import Buffer
+from aioquic.h3.connection import H3Connection
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import CryptoPair, NoCallback
+from aioquic.quic.recovery import QuicPacketNumberWindow, QuicPacketSpace
 from aioquic.tls import Epoch, State
 
 #: What is left of a server's ONE_RTT crypto buffer once the handshake is confirmed.
@@ -116,6 +127,266 @@ def free_handshake_buffers(quic: QuicConnection) -> bool:
     return True
 
 
+#: Connection ids the node issues to a peer: the one of the handshake and one spare, so
+#: that a peer can move to a new one (RFC 9000 section 5.1.1 asks for at least 2).
+HOST_CONNECTION_IDS = 2
+#: And how many of the peer's the node keeps (the transport parameter's least value).
+PEER_CONNECTION_IDS = 2
+
+
+class _SlimConnection(QuicConnection):
+    """A QuicConnection that issues HOST_CONNECTION_IDS connection ids rather than up to
+    8 (each is also an entry of the server's routing table). Set on a connection made by
+    aioquic's QuicServer with :func:`slim_connection`."""
+
+    def _replenish_connection_ids(self) -> None:
+        limit = self._remote_active_connection_id_limit
+        self._remote_active_connection_id_limit = min(limit, HOST_CONNECTION_IDS)
+        try:
+            super()._replenish_connection_ids()
+        finally:
+            self._remote_active_connection_id_limit = limit
+
+
+class FrameHandlers:
+    """aioquic builds a dict of 33 (bound method, frozenset of epochs) per connection,
+    ~12 KiB. This is the same mapping with one table shared by all connections: a
+    lookup binds the handler (once per frame received)."""
+
+    __slots__ = ("_quic",)
+    _table: dict[int, tuple[Any, frozenset[Epoch]]] = {}
+
+    def __init__(self, quic: QuicConnection) -> None:
+        self._quic = quic
+        if not FrameHandlers._table:
+            interned: dict[frozenset[Epoch], frozenset[Epoch]] = {}
+            FrameHandlers._table = {
+                frame_type: (handler.__func__, interned.setdefault(epochs, epochs))
+                for frame_type, (handler, epochs) in _frame_handlers(quic).items()}
+
+    def __getitem__(self, frame_type: int) -> tuple[Any, frozenset[Epoch]]:
+        function, epochs = self._table[frame_type]  # KeyError: an unknown frame type
+        return MethodType(function, self._quic), epochs
+
+    def __contains__(self, frame_type: object) -> bool:
+        return frame_type in self._table
+
+
+def _frame_handlers(quic: QuicConnection) -> Any:
+    return quic._QuicConnection__frame_handlers  # type: ignore[attr-defined]
+
+
+def slim_connection(quic: QuicConnection) -> None:
+    """Before a server connection handles its first packet (H3Protocol.__init__)."""
+    if type(quic) is QuicConnection:
+        quic.__class__ = _SlimConnection
+    if not isinstance(_frame_handlers(quic), FrameHandlers):
+        quic._QuicConnection__frame_handlers = FrameHandlers(quic)  # type: ignore[attr-defined]
+    quic._local_active_connection_id_limit = PEER_CONNECTION_IDS
+    if type(quic._events) is not Fifo:
+        quic._events = Fifo(quic._events)  # type: ignore[assignment]
+        quic._datagrams_pending = Fifo(quic._datagrams_pending)  # type: ignore[assignment]
+
+
+class PacketWindow:
+    """aioquic's QuicPacketNumberWindow (duplicate detection over the last 128 packet
+    numbers) as bits of one int: aioquic's set grows to 256 numbers before it is pruned,
+    ~9 KiB of a connection that lives long enough (a ping every WT_PING_INTERVAL)."""
+
+    __slots__ = ("_bits", "_lower", "_size")
+
+    def __init__(self, window: QuicPacketNumberWindow) -> None:
+        self._lower: int = window._lower
+        self._size: int = window._size
+        self._bits = 0
+        for number in window._received:
+            if number >= self._lower:
+                self._bits |= 1 << (number - self._lower)
+
+    def add(self, packet_number: int) -> None:
+        lower = self._lower
+        if packet_number < lower:
+            return
+        slide = packet_number - self._size + 1 - lower
+        if slide > 0:  # the packet number becomes the window's upper bound
+            self._bits >>= slide
+            self._lower = lower = lower + slide
+        self._bits |= 1 << (packet_number - lower)
+
+    def __contains__(self, packet_number: int) -> bool:
+        offset = packet_number - self._lower
+        return offset < 0 or (self._bits >> offset) & 1 == 1
+
+
+#: What a discarded packet number space's keys and space are replaced with: never set
+#: up (decrypting with it raises KeyUnavailableError, as aioquic's torn-down pair does),
+#: never written (aioquic only reads a discarded space before the decryption fails).
+_DISCARDED_CRYPTO = CryptoPair()
+_DISCARDED_SPACE = QuicPacketSpace()
+_DISCARDED_SPACE.discarded = True
+
+
+def after_handshake(quic: QuicConnection) -> bool:
+    """Once the handshake is confirmed and the INITIAL and HANDSHAKE spaces discarded
+    (RFC 9001 section 4.9): drop what only the handshake used. Returns whether it did
+    (once per connection; False while the handshake is still going)."""
+    spaces = quic._spaces
+    if (not quic._handshake_confirmed or spaces[Epoch.INITIAL] is _DISCARDED_SPACE
+            or not all(spaces[epoch].discarded for epoch in (Epoch.INITIAL, Epoch.HANDSHAKE))):
+        return False
+    free_handshake_buffers(quic)
+    for epoch in (Epoch.INITIAL, Epoch.ZERO_RTT, Epoch.HANDSHAKE):
+        quic._cryptos[epoch] = _DISCARDED_CRYPTO
+        quic._crypto_streams.pop(epoch, None)
+    quic._cryptos_initial = dict.fromkeys(quic._cryptos_initial, _DISCARDED_CRYPTO)
+    spaces[Epoch.INITIAL] = spaces[Epoch.HANDSHAKE] = _DISCARDED_SPACE
+    one_rtt = spaces[Epoch.ONE_RTT]
+    quic._loss.spaces = [one_rtt]  # the discarded ones were emptied by aioquic
+    if isinstance(one_rtt.received_packets, QuicPacketNumberWindow):
+        one_rtt.received_packets = PacketWindow(one_rtt.received_packets)  # type: ignore[assignment]
+    # The TLS server only answers an alert after its handshake (see free_handshake_buffers):
+    # its key exchange keys and transcript are no longer read.
+    tls = quic.tls
+    tls._ec_private_keys = []
+    tls._x25519_private_key = tls._x448_private_key = None
+    tls.key_schedule = None
+    tls.received_extensions = None
+    return True
+
+
+class _NoTableEncoder:
+    """pylsqpack's Encoder that never uses a dynamic table, whatever the peer allows: an
+    encoder may use less than the peer's capacity (RFC 9204 section 3.2.3). With the
+    4096 bytes an aioquic client allows it took 4.5 KiB per connection for the few
+    response headers the node sends (112 bytes with none)."""
+
+    __slots__ = ("_encoder",)
+
+    def __init__(self, encoder: pylsqpack.Encoder) -> None:
+        self._encoder = encoder
+
+    def apply_settings(self, max_table_capacity: int, blocked_streams: int) -> bytes:
+        return self._encoder.apply_settings(max_table_capacity=0, blocked_streams=0)
+
+    def encode(self, stream_id: int, headers: Any) -> tuple[bytes, bytes]:
+        return self._encoder.encode(stream_id, headers)
+
+    def feed_decoder(self, data: bytes) -> None:
+        self._encoder.feed_decoder(data)
+
+
+class _LazyDecoder:
+    """pylsqpack's Decoder holds a 4 KiB buffer inline (4.4 KiB per object). With no
+    dynamic table (QPACK_MAX_TABLE_CAPACITY 0, no blocked streams) it keeps nothing
+    between header blocks, so one is made for each block (a CONNECT or a GET: rare);
+    a peer that writes on its encoder stream gets one for the connection's life."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder: pylsqpack.Decoder | None = None
+
+    def feed_header(self, stream_id: int, data: bytes) -> tuple[bytes, Any]:
+        return (self._decoder or pylsqpack.Decoder(0, 0)).feed_header(stream_id, data)
+
+    def feed_encoder(self, data: bytes) -> list[int]:
+        if not data and self._decoder is None:
+            return []
+        if self._decoder is None:
+            self._decoder = pylsqpack.Decoder(0, 0)
+        return self._decoder.feed_encoder(data)
+
+    def resume_header(self, stream_id: int) -> tuple[bytes, Any]:
+        # Only for a stream feed_encoder unblocked: never without a decoder.
+        assert self._decoder is not None
+        return self._decoder.resume_header(stream_id)
+
+    def cancel_stream(self, stream_id: int) -> bytes:
+        # Nothing to cancel without a table (RFC 9204 section 4.4.2; lsqpack writes none).
+        return self._decoder.cancel_stream(stream_id) if self._decoder else b""
+
+
+class SlimH3Connection(H3Connection):
+    """H3 without QPACK dynamic tables (SETTINGS QPACK_MAX_TABLE_CAPACITY 0 and
+    QPACK_BLOCKED_STREAMS 0, RFC 9204 section 3.2.3; our encoder uses none either): the
+    node reads one CONNECT (or a few GETs) per connection, and each table and pylsqpack
+    object stayed for the connection's life (~9 KiB, plus what a browser inserts)."""
+
+    def _init_connection(self) -> None:  # called at the end of H3Connection.__init__
+        self._max_table_capacity = self._blocked_streams = 0
+        self._decoder = _LazyDecoder()  # type: ignore[assignment]
+        self._encoder = _NoTableEncoder(self._encoder)  # type: ignore[assignment]
+        super()._init_connection()
+
+
+class Fifo(list):  # type: ignore[type-arg]
+    """The part of deque aioquic uses for its event and datagram queues, on a list: an
+    empty deque takes ~700 bytes, an empty list 56, and these hold a few items at a time
+    (popleft is O(n): a datagram queue is bounded by WRITE_BUFFER_LIMIT)."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class BoundedFifo(Fifo):
+    """Fifo with deque's ``maxlen``: the oldest item goes when a new one is one too many."""
+
+    __slots__ = ("maxlen",)
+
+    def __init__(self, items: Any = (), maxlen: int | None = None) -> None:
+        super().__init__(items)
+        self.maxlen = maxlen
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        if self.maxlen is not None and len(self) > self.maxlen:
+            del self[0]
+
+
+class _ServerCall:
+    """What aioquic's QuicServer registers per connection, ``partial(method,
+    protocol=protocol)`` (~330 bytes with its keywords dict), in 56 bytes."""
+
+    __slots__ = ("_function", "_protocol", "_server")
+
+    def __init__(self, server: Any, function: Any, protocol: Any) -> None:
+        self._server, self._function, self._protocol = server, function, protocol
+
+    def __call__(self, *args: Any) -> None:
+        self._function(self._server, *args, protocol=self._protocol)
+
+
+_SERVER_HANDLERS = ("_connection_id_issued_handler", "_connection_id_retired_handler",
+                    "_connection_terminated_handler")
+
+
+def slim_protocol(protocol: Any) -> None:
+    """The protocol's share (QuicConnectionProtocol made by QuicServer): its handlers as
+    :class:`_ServerCall`, its never-awaited ``_closed`` event's waiters on a list, the
+    path's challenge queues and the ONE_RTT keys' logging callbacks (no quic logger)."""
+    for name in _SERVER_HANDLERS:
+        handler = getattr(protocol, name, None)
+        if (isinstance(handler, partial) and handler.keywords == {"protocol": protocol}
+                and hasattr(handler.func, "__func__")):
+            setattr(protocol, name, _ServerCall(handler.func.__self__,
+                                                handler.func.__func__, protocol))
+    closed = getattr(protocol, "_closed", None)
+    if isinstance(closed, asyncio.Event) and not closed._waiters:
+        closed._waiters = []  # type: ignore[assignment]  # append, remove, iterate only
+    quic = protocol._quic
+    for path in quic._network_paths:
+        if not isinstance(path.remote_challenges, Fifo):
+            path.remote_challenges = Fifo(path.remote_challenges)
+            path.local_challenges = BoundedFifo(path.local_challenges,
+                                                path.local_challenges.maxlen)
+    if quic._quic_logger is None:
+        pair = quic._cryptos[Epoch.ONE_RTT]
+        for context in (pair.recv, pair.send):
+            context._setup_cb = context._teardown_cb = NoCallback
+
+
 #: For tests: every aioquic attribute read above, so a version that renames one fails
 #: tests/test_quic_turn.py at once rather than silently sending less.
 ATTRIBUTES: tuple[str, ...] = (
@@ -123,5 +394,7 @@ ATTRIBUTES: tuple[str, ...] = (
     "_handshake_confirmed", "_handshake_done_pending", "_retire_connection_ids",
     "_streams_blocked_pending", "_network_paths", "_spaces", "_host_cids",
     "_local_max_data", "_local_max_streams_bidi", "_local_max_streams_uni",
-    "_crypto_streams", "_streams", "_crypto_buffers", "tls",
+    "_crypto_streams", "_streams", "_crypto_buffers", "tls", "_cryptos", "_cryptos_initial",
+    "_loss", "_local_active_connection_id_limit", "_remote_active_connection_id_limit",
+    "_QuicConnection__frame_handlers", "_events", "_datagrams_pending", "_quic_logger",
 )

@@ -1,0 +1,321 @@
+"""Idle memory per WebTransport peer, and where it goes (issue 14, goal 1: <= 40 KiB).
+
+Two measurements, both with N peers joined to one channel and then idle (aioquic
+WebTransport clients, ``bench/wt_clients.py``, in two worker processes; the WebSocket
+peers of the baseline are TLS ``bench/wsclient.py`` peers):
+
+* ``rss``: a ``prscd`` process per round (TLS on, WebTransport on): its RSS after the
+  peers joined minus before, per peer, WebTransport and WebSocket in alternating rounds.
+  RSS is what an operator pays; it also counts C allocations (OpenSSL, lsqpack) and what
+  the allocators keep.
+* ``where``: a node in this process with ``tracemalloc`` (25 frames): the growth from 0
+  to N WebTransport peers grouped by the part that allocated it (the first frame from
+  the allocation outwards that is not the standard library: aioquic's connection,
+  streams, crypto, H3, ours), plus glibc's ``mallinfo2`` in-use bytes (what C code and
+  large Python objects take) and each connection's own objects by attribute (the objects
+  reachable from one connection and from no other: its unique deep size).
+
+``python -m bench.wt_memory [--peers 500] [--rounds 3] [--only rss,where]`` prints JSON;
+``python -m bench --only wt_memory`` runs it into results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bench.procs import Pool, start_node
+from testkit.net import free_port
+
+#: The keepalive settings of bench/wt_fanout.py: 500 clients on a busy machine can stall.
+IDLE = {"WT_IDLE_TIMEOUT": "10", "WT_PING_INTERVAL": "4", "PING_INTERVAL": "10",
+        "PING_TIMEOUT": "20"}
+TARGET_KIB = 40
+_STDLIB = (sysconfig.get_paths()["stdlib"], "<frozen", "<string>")
+
+
+# -- RSS of a prscd process ------------------------------------------------------------
+
+
+def _connect(pool: Pool, port: int, transport: str, ids: list[str], **how: Any) -> None:
+    pool.call_all("wt_fanout_receivers", port=port, transport=transport,
+                  per_worker=lambda i: {"ids": ids[i::len(pool)]}, **how)
+
+
+def rss_round(pool: Pool, log_dir: Path, transport: str, peers: int, tag: str,
+              settle: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    server = start_node(log_dir, tls=True, name=f"prscd-mem-{transport}", port=free_port(),
+                        env={"WEBTRANSPORT": "true", **IDLE, **(env or {})})
+    try:
+        time.sleep(0.5)
+        rss0 = server.rss_kib()
+        _connect(pool, server.port, transport, [f"{tag}-{i}" for i in range(peers)])
+        time.sleep(settle)
+        rss1 = server.rss_kib()
+        still = sum(c["open"] for c in pool.call_all("open_count"))
+    finally:
+        pool.call_all("close_all")
+        server.stop()
+    return {"rss_before_kib": rss0, "rss_idle_kib": rss1, "open": still,
+            "kib_per_peer": (rss1 - rss0) / peers}
+
+
+#: (name, transport, extra node environment) measured in each round.
+Case = tuple[str, str, dict[str, str]]
+CASES: tuple[Case, ...] = (("webtransport", "webtransport", {}),
+                           ("websocket", "websocket", {}))
+
+
+def rss(log_dir: Path, *, peers: int = 500, rounds: int = 3, settle: float = 2.0,
+        workers: int = 2, cases: tuple[Case, ...] = CASES) -> dict[str, Any]:
+    """``cases`` may add a node from another checkout (``PYTHONPATH``): before/after."""
+    detail: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in cases}
+    with Pool(workers, uvloop=False) as pool:  # aioquic clients: see bench/procs.py
+        for r in range(rounds):
+            # Rotate the order so that drift on a shared machine hits every case.
+            for name, transport, env in cases[r % len(cases):] + cases[:r % len(cases)]:
+                detail[name].append(rss_round(pool, log_dir, transport, peers,
+                                              f"m{name[:3]}{r}", settle, env))
+    per = {name: statistics.median(x["kib_per_peer"] for x in detail[name])
+           for name, _, _ in cases}
+    out: dict[str, Any] = {"peers": peers, "rounds": rounds, "settle_s": settle,
+                           "kib_per_peer": per, "detail": detail, "target_kib": TARGET_KIB}
+    if "webtransport" in per:
+        out["met"] = per["webtransport"] <= TARGET_KIB
+        if per.get("websocket"):
+            out["ratio"] = per["webtransport"] / per["websocket"]
+    return out
+
+
+# -- where: a traced node in this process ----------------------------------------------
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int:
+    """Bytes glibc has handed out and not had back (heap + mmapped chunks)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _Mallinfo2
+        info = libc.mallinfo2()
+    except (OSError, AttributeError):
+        return 0
+    return int(info.uordblks + info.hblkhd)
+
+
+def part(frames: Iterable[tracemalloc.Frame]) -> tuple[str, str]:
+    """(part, site) of one allocation: the innermost frame outside the standard library;
+    part is its file (package-relative), site adds the line."""
+    for frame in reversed(list(frames)):
+        name = frame.filename
+        if name.startswith(_STDLIB) and "site-packages" not in name:
+            continue
+        short = name.rsplit("/site-packages/", 1)[-1]
+        if "/work/" in short or short.startswith("/"):
+            short = "/".join(short.rsplit("/", 3)[-2:])
+        return short, f"{short}:{frame.lineno}"
+    first = list(frames)[-1]
+    return "stdlib", f"{first.filename.rsplit('/', 1)[-1]}:{first.lineno}"
+
+
+#: Types whose objects every connection reaches (the node, the loop, the listener, a
+#: channel's members): the walk of one connection's objects stops at them.
+_SHARED_TYPES = frozenset({
+    "WebTransportListener", "QuicServer", "Node", "Settings", "QuicConfiguration", "Counter",
+    "Peer", "Channel", "Realm", "Presence", "_UnixSelectorEventLoop", "Loop", "Logger",
+    "QuicLogger", "module", "function", "builtin_function_or_method",
+    "code", "cell", "type", "Certificate", "_RSAPrivateKey", "_EllipticCurvePrivateKey",
+    "RSAPrivateKey", "EllipticCurvePrivateKey"})
+
+
+def _reachable(root: Any, stop: set[int]) -> dict[int, Any]:
+    seen: dict[int, Any] = {}
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        key = id(obj)
+        if key in seen or key in stop or type(obj).__name__ in _SHARED_TYPES:
+            continue
+        seen[key] = obj
+        todo.extend(gc.get_referents(obj))
+    return seen
+
+
+def own_objects(conns: list[Any]) -> dict[str, Any]:
+    """Per attribute of one connection (its H3Protocol, QuicConnection, H3Connection,
+    tls.Context, sessions): bytes (``sys.getsizeof``, Python objects only) of the objects
+    reachable from it and from no other connection, the median over a few connections."""
+    sample, other = conns[:5], conns[5]
+    other_reach = set(_reachable(other, set()))
+    rows: dict[str, list[int]] = {}
+    for conn in sample:
+        taken = set(other_reach) | {id(conn)}
+        holders = [("protocol", conn), ("quic", conn.quic), ("h3", conn.h3),
+                   ("tls", conn.quic.tls)]
+        for prefix, holder in holders:
+            taken.add(id(holder))
+            rows.setdefault(f"{prefix} (object itself)", []).append(sys.getsizeof(holder)
+                                                                   + sys.getsizeof(vars(holder)))
+        for prefix, holder in reversed(holders):  # the innermost owner gets the bytes
+            for attr, value in sorted(vars(holder).items()):
+                if id(value) in taken:
+                    continue
+                found = _reachable(value, taken)
+                taken |= set(found)
+                size = sum(sys.getsizeof(o) for o in found.values())
+                rows.setdefault(f"{prefix}.{attr}", []).append(size)
+    return {k: statistics.median(v) for k, v in sorted(rows.items(), key=lambda kv:
+                                                        -statistics.median(kv[1]))}
+
+
+def census(conns: list[Any]) -> dict[str, float]:
+    """Median count of the per-connection things that allocate."""
+    def median(fn: Any) -> float:
+        return statistics.median(fn(c) for c in conns)
+
+    return {
+        "quic_streams": median(lambda c: len(c.quic._streams)),
+        "h3_streams": median(lambda c: len(c.h3._stream)),
+        "crypto_streams": median(lambda c: len(c.quic._crypto_streams)),
+        "crypto_buffers": median(lambda c: len(c.quic._crypto_buffers)),
+        "packet_spaces": median(lambda c: len(c.quic._spaces)),
+        "sent_packets": median(lambda c: sum(len(s.sent_packets)
+                                             for s in c.quic._spaces.values())),
+        "host_cids": median(lambda c: len(c.quic._host_cids)),
+        "peer_cids": median(lambda c: len(c.quic._peer_cid_available)),
+        "sessions": median(lambda c: len(c.sessions)),
+    }
+
+
+async def _traced(peers: int, frames: int, settle: float, workers: int,
+                  env: dict[str, str]) -> dict[str, Any]:
+    from node.app import App
+    from node.config import Settings
+    from node.tls import ensure_certificate
+
+    tmp = Path(tempfile.mkdtemp(prefix="prscd-wtmem-"))
+    cert = ensure_certificate("", "", tmp)
+    port = free_port()
+    settings = Settings.from_env({
+        "PORT": str(port), "HOST": "127.0.0.1", "TLS": "true", "WEBTRANSPORT": "true",
+        "PID_FILE": str(tmp / "pid"), "CERT_CACHE_DIR": str(tmp), "RATE_LIMIT": "0",
+        "MAX_PEERS_PER_CHANNEL": "0", "MAX_CONNECTIONS": "0", "MALLOC_TRIM_INTERVAL": "0",
+        **IDLE, **env})
+    app = App(settings, cert)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    pool = await loop.run_in_executor(None, lambda: Pool(workers, uvloop=False))
+    try:
+        await loop.run_in_executor(None, pool.call_all, "open_count")  # workers up
+        gc.collect()
+        tracemalloc.start(frames)
+        base, malloc0 = tracemalloc.take_snapshot(), malloc_in_use()
+        overhead0 = tracemalloc.get_tracemalloc_memory()
+        ids = [f"tr-{i}" for i in range(peers)]
+        # Slow handshakes under tracemalloc: fewer at once, more time each.
+        await loop.run_in_executor(None, lambda: _connect(pool, port, "webtransport", ids,
+                                                          concurrency=4, timeout=60.0))
+        await asyncio.sleep(settle)
+        gc.collect()
+        snap, malloc1 = tracemalloc.take_snapshot(), malloc_in_use()
+        # tracemalloc's own tables are malloc'd too: not the node's.
+        overhead = tracemalloc.get_tracemalloc_memory() - overhead0
+        tracemalloc.stop()
+        listener = next(x for x in app.listeners if type(x).__name__ == "WebTransportListener")
+        conns = [c for c in listener.connections if c.sessions]
+        own = own_objects(conns) if len(conns) > 5 else {}
+        counted = census(conns) if conns else {}
+    finally:
+        await loop.run_in_executor(None, pool.call_all, "close_all")
+        await loop.run_in_executor(None, pool.close)
+        await app.stop()
+    parts: Counter[str] = Counter()
+    sites: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for stat in snap.compare_to(base, "traceback"):
+        name, site = part(stat.traceback)
+        parts[name] += stat.size_diff
+        sites[site] += stat.size_diff
+        counts[site] += stat.count_diff
+    traced = sum(parts.values())
+    return {
+        "peers": peers, "connections_with_session": len(conns),
+        "traced_kib_per_peer": traced / 1024 / peers,
+        "malloc_in_use_kib_per_peer": (malloc1 - malloc0 - overhead) / 1024 / peers,
+        "census_per_connection": counted,
+        "by_part_bytes_per_peer": {k: round(v / peers) for k, v in parts.most_common()
+                                   if abs(v) >= peers * 16},
+        "by_site_bytes_per_peer": {k: [round(v / peers), round(counts[k] / peers, 2)]
+                                   for k, v in sites.most_common(40)},
+        "own_objects_bytes_per_connection": {k: v for k, v in own.items() if v >= 16},
+    }
+
+
+def where(*, peers: int = 500, frames: int = 25, settle: float = 2.0, workers: int = 2,
+          env: dict[str, str] | None = None) -> dict[str, Any]:
+    return asyncio.run(_traced(peers, frames, settle, workers, env or {}))
+
+
+def run(log_dir: Path, *, peers: int = 500, rounds: int = 3,
+        only: Iterable[str] = ("rss", "where"), before: Path | None = None) -> dict[str, Any]:
+    todo = set(only)
+    out: dict[str, Any] = {}
+    if "rss" in todo:
+        cases = CASES if before is None else (
+            *CASES, ("webtransport_before", "webtransport", {"PYTHONPATH": str(before)}))
+        out["rss"] = rss(log_dir, peers=peers, rounds=rounds, cases=cases)
+        out.update({k: out["rss"][k] for k in ("met", "ratio") if k in out["rss"]})
+    if "where" in todo:
+        out["where"] = where(peers=peers)
+    return out
+
+
+def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows of the results table (benchmark, prscd, baseline, ratio, target)."""
+    if "rss" not in r:
+        return []
+    m = r["rss"]
+    wt, ws = m["kib_per_peer"]["webtransport"], m["kib_per_peer"].get("websocket")
+    return [(f"WebTransport idle memory ({m['peers']} peers, median of {m['rounds']}): "
+             "node RSS per peer", f"{wt:.1f} KiB",
+             f"{ws:.1f} KiB (WebSocket, TLS)" if ws else "-",
+             f"{m['ratio']:.1f}x" if m.get("ratio") else "-",
+             f"<= {TARGET_KIB} KiB ({'met' if m['met'] else 'MISSED'})")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peers", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", default="rss,where")
+    p.add_argument("--before", type=Path, default=None,
+                   help="a checkout whose node/ is measured too (PYTHONPATH), as 'before'")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "prscd-wtmem")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(args.out, peers=args.peers, rounds=args.rounds, only=args.only.split(","),
+                 before=args.before)
+    json.dump(result, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
