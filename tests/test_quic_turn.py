@@ -3,6 +3,7 @@ client/server pair of aioquic connections exchanging packets in memory (sans-I/O
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 import ssl
@@ -34,6 +35,7 @@ from node.transports.quic_turn import (
     nothing_to_send,
     slim_connection,
 )
+from node.transports.wt_session import Inbox
 
 CLIENT = ("127.0.0.1", 40001)
 SERVER = ("127.0.0.1", 40002)
@@ -364,3 +366,23 @@ def test_slim_server_connection_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert plain > 40_000, plain
     assert slimmed < 30_000, slimmed
+
+
+async def test_session_inbox_is_a_queue_for_one_reader() -> None:
+    inbox = Inbox()
+    inbox.put_nowait(b"a")
+    inbox.put_nowait(b"b")
+    assert inbox.qsize() == 2
+    assert await inbox.get() == b"a" and await inbox.get() == b"b" and inbox.qsize() == 0
+    reader = asyncio.get_running_loop().create_task(inbox.get())
+    await asyncio.sleep(0)
+    assert not reader.done()  # waits for the next frame
+    inbox.put_nowait(None)  # the end of a session
+    assert await asyncio.wait_for(reader, 1) is None
+    cancelled = asyncio.get_running_loop().create_task(inbox.get())
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    inbox.put_nowait(b"c")  # no waiter left behind
+    assert await inbox.get() == b"c"
