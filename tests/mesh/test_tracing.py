@@ -97,15 +97,12 @@ async def test_span_tree_of_one_cross_region_broadcast(node_factory: NodeFactory
     assert by_name(eu_spans, "prscd.disconnect")
 
 
-async def test_defaults_trace_every_join_across_three_nodes_and_sample_data(
-        node_factory: NodeFactory, nats_server: NatsServer) -> None:
-    """Defaults: a peer coming online (the join the others see) is one trace over all three
-    nodes; data messages are sampled (none with TRACE_DATA_RATIO=0 on the origin)."""
-    exporters = [InMemorySpanExporter() for _ in range(3)]
-    regions = ("eu-west", "us-east", "ap-south")
-    nodes = [await node_factory(MESH_ID=region, NATS_URL=nats_server.url, span_exporter=exp,
-                                **({"TRACE_DATA_RATIO": "0"} if i == 0 else {}))
-             for i, (region, exp) in enumerate(zip(regions, exporters, strict=True))]
+REGIONS = ("eu-west", "us-east", "ap-south")
+
+
+async def alice_online_on_three(nodes: list[RunningNode]) -> tuple[Any, list[Any]]:
+    """Watchers on nodes 2 and 3, alice joins node 1 and comes online; both watchers see
+    it. Returns alice and the watchers (open)."""
     await wait_until(lambda: all(len(n.node.liveness.nodes) >= 2 for n in nodes), 5,
                      "heartbeats from the other two nodes")
     watchers = [await joined(n, "room", f"w{i}") for i, n in enumerate(nodes[1:])]
@@ -116,6 +113,18 @@ async def test_defaults_trace_every_join_across_three_nodes_and_sample_data(
     for w in watchers:
         got = await recv(w)
         assert got["op"] == "peer_online" and got["p"] == "alice", got
+    return alice, watchers
+
+
+async def test_defaults_trace_every_join_across_three_nodes_and_sample_data(
+        node_factory: NodeFactory, nats_server: NatsServer) -> None:
+    """Defaults: a peer coming online (the join the others see) is one trace over all three
+    nodes; data messages are sampled (none with TRACE_DATA_RATIO=0 on the origin)."""
+    exporters = [InMemorySpanExporter() for _ in range(3)]
+    nodes = [await node_factory(MESH_ID=region, NATS_URL=nats_server.url, span_exporter=exp,
+                                **({"TRACE_DATA_RATIO": "0"} if i == 0 else {}))
+             for i, (region, exp) in enumerate(zip(REGIONS, exporters, strict=True))]
+    alice, watchers = await alice_online_on_three(nodes)
     for i in range(50):
         await alice.send(data_frame("room", "mouse", f'{{"x":{i}}}'))
     for w in watchers:
@@ -244,18 +253,8 @@ async def test_jaeger_shows_a_join_across_three_nodes_as_one_trace(
     trace)."""
     endpoint = f"http://127.0.0.1:{collector.port}/v1/traces"
     nodes = [await node_factory(MESH_ID=region, NATS_URL=nats_server.url,
-                                YOMO_TRACE_JAEGER_ENDPOINT=endpoint)
-             for region in ("eu-west", "us-east", "ap-south")]
-    await wait_until(lambda: all(len(n.node.liveness.nodes) >= 2 for n in nodes), 5,
-                     "heartbeats from the other two nodes")
-    watchers = [await joined(n, "room", f"w{i}") for i, n in enumerate(nodes[1:])]
-    alice = await joined(nodes[0], "room", "alice")
-    await wait_until(lambda: all(n.node.presence.channel_count() for n in nodes), 5,
-                     "interest in the channel everywhere")
-    await alice.send(control("peer_online", "room"))
-    for w in watchers:
-        got = await recv(w)
-        assert got["op"] == "peer_online" and got["p"] == "alice", got
+                                YOMO_TRACE_JAEGER_ENDPOINT=endpoint) for region in REGIONS]
+    alice, watchers = await alice_online_on_three(nodes)
     for node in nodes:
         node.node.tracing.flush()
 
