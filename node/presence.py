@@ -38,6 +38,11 @@ class Peer:
     #: when (Presence's counter, not a clock): the server API shows the latest per id.
     states: dict[str, bytes] = field(default_factory=dict)
     state_seq: dict[str, int] = field(default_factory=dict)
+    #: Silent: no pong or packet for the soft keepalive timeout, its connection still open
+    #: (see :meth:`Presence.silence`). ``released``: channel -> its last ``pl`` there, for
+    #: each channel whose grace period ended while it was silent (it re-joins them if heard).
+    silent: bool = False
+    released: dict[str, bytes | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,12 +227,64 @@ class Presence:
 
     def release(self, peer: Peer, name: str) -> list[Action]:
         """The grace period of held ``peer`` in channel ``name`` ended: it goes offline
-        there now (nothing, if it came back meanwhile)."""
+        there now (nothing, if it came back meanwhile). A silent peer remembers the
+        channel and its state there, to re-join if it is heard again."""
         realm = self.realms.get(peer.app)
         channel = realm.channels.get(name) if realm else None
         if channel is None or channel.held.pop(peer.sid, None) is None:
             return []
+        if peer.silent:
+            if peer.released is None:
+                peer.released = {}
+            peer.released[name] = peer.states.get(name)
         return self._offline(peer, name, after_grace=True)
+
+    def silence(self, peer: Peer) -> list[Action]:
+        """``peer``'s connection went silent (no pong, no packet for the soft timeout) but
+        is still open: held in its channels like a vanished peer (:meth:`hold`), still a
+        member for everyone, and still delivered to (a live peer whose answer was late
+        misses nothing). :meth:`heard` undoes it; a close goes through :meth:`hold` or
+        :meth:`disconnect` as for any peer."""
+        if peer.silent:
+            return []
+        peer.silent = True
+        realm = self.realms.get(peer.app)
+        if realm is None or not peer.channels:
+            return []
+        for name in peer.channels:
+            realm.channels[name].held[peer.sid] = peer
+        return [Hold(peer)]
+
+    def heard(self, peer: Peer) -> list[Action]:
+        """A silent peer answered after all: where its grace period still runs, nothing
+        happened (:class:`Returned`); where it ended (the others saw its offline), it joins
+        again with its last state, and the others see ``peer_online`` and that state."""
+        if not peer.silent:
+            return []
+        peer.silent = False
+        actions: list[Action] = []
+        realm = self.realms.get(peer.app)
+        for name in sorted(peer.channels):
+            channel = realm.channels.get(name) if realm else None
+            if channel is not None and channel.held.pop(peer.sid, None) is not None:
+                actions.append(Returned(peer, name))
+        released, peer.released = peer.released, None
+        for name, pl in sorted((released or {}).items()):
+            actions.extend(self._rejoin(peer, name, pl))
+        return actions
+
+    def _rejoin(self, peer: Peer, name: str, pl: bytes | None) -> list[Action]:
+        """What the client did when it joined, on its behalf (its page never knew it left):
+        join without an ack, ``peer_online``, and its last ``peer_state``. The others answer
+        the online with their states, so it catches up on what changed meanwhile."""
+        self._keep_state(peer, name, pl)
+        actions = self._join(peer, name, ack=False)
+        actions.extend(self.handle(peer, Signalling(t=protocol.CONTROL,
+                                                    op=protocol.PEER_ONLINE, c=name)))
+        if pl is not None:
+            actions.extend(self.handle(peer, Signalling(t=protocol.CONTROL,
+                                                        op=protocol.PEER_STATE, c=name, pl=pl)))
+        return actions
 
     def _returned(self, channel: Channel, app: str, client_id: str,
                   here: bool) -> list[Action]:
@@ -239,6 +296,7 @@ class Presence:
         actions: list[Action] = []
         for held in back:
             del channel.held[held.sid]
+            channel.peers.pop(held.sid, None)  # (a silent one is still there)
             held.channels.discard(channel.name)
             _forget_sender(channel, held.sid)
             actions.append(Returned(held, channel.name))
@@ -268,7 +326,7 @@ class Presence:
         actions.extend(self._remove(peer, name))
         return actions
 
-    def _join(self, peer: Peer, name: str) -> list[Action]:
+    def _join(self, peer: Peer, name: str, *, ack: bool = True) -> list[Action]:
         actions: list[Action] = []
         realm = self.realms.get(peer.app)
         if realm is None:
@@ -286,7 +344,8 @@ class Presence:
             _wants_states(channel, peer.sid)  # a new Channel object on the client: empty
         # Re-joining is harmless: the client makes a new Channel object and waits
         # for an ack again.
-        actions.append(Deliver((peer,), protocol.encode_join_ack(name, self.mesh_id)))
+        if ack:
+            actions.append(Deliver((peer,), protocol.encode_join_ack(name, self.mesh_id)))
         return actions
 
     def _forward(self, peer: Peer, sig: Signalling,
@@ -330,6 +389,7 @@ class Presence:
         if realm is None or (channel := realm.channels.get(name)) is None:
             return []
         channel.peers.pop(peer.sid, None)
+        channel.held.pop(peer.sid, None)  # a silent peer that left or closed cleanly
         if channel.last_state or channel.waiting:
             _forget_sender(channel, peer.sid)
             for waiting in channel.waiting.values():

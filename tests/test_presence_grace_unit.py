@@ -107,3 +107,100 @@ def test_a_second_tab_leaving_while_the_first_is_held_tells_nobody() -> None:
     pr.hold(tab1)
     assert frames_to(pr.disconnect(tab2), bob) == []
     assert frames_to(pr.release(tab1, "room"), bob)[0]["op"] == "peer_offline"
+
+
+# -- a silent peer: past the soft keepalive timeout, its connection still open -----------
+
+
+def test_a_silent_peer_is_held_but_still_delivered_to_and_back_in_time_nobody_knew() -> None:
+    pr = Presence("eu")
+    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
+    joined(pr, alice, bob)
+    assert pr.silence(alice) == [Hold(alice)]
+    assert pr.silence(alice) == []  # once
+    channel = pr.realms["app"].channels["room"]
+    assert "1" in pr.peers and "1" in channel.held  # still connected, held in the channel
+    # A late pong must not cost it anything: what the channel says still reaches it.
+    assert frames_to(pr.handle(bob, sig(None)), alice)
+    back = pr.heard(alice)
+    assert back == [Returned(alice, "room")]  # no frame, no publish: nothing visible
+    assert "1" not in channel.held and channel.peers["1"] is alice and not alice.silent
+    assert pr.release(alice, "room") == []  # the grace timer, had it fired after: nothing
+    assert pr.heard(alice) == []
+
+
+def test_a_silent_peer_released_then_heard_rejoins_with_its_last_state() -> None:
+    pr = Presence("eu", dedupe_state=True)
+    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
+    joined(pr, alice, bob)
+    state = msgpack.packb({"id": "alice", "cursor": [3, 4]})
+    pr.handle(alice, sig("peer_state", pl=state))
+    pr.silence(alice)
+    released = pr.release(alice, "room")
+    assert frames_to(released, bob) == [{"t": "control", "op": "peer_offline", "c": "room",
+                                         "p": "alice"}]
+    assert Member("app", "room", "alice", False, after_grace=True) in released
+    assert alice.released == {"room": state} and "room" not in alice.channels
+    # Offline for everyone: nothing reaches it any more.
+    assert not frames_to(pr.handle(bob, sig(None)), alice)
+    back = pr.heard(alice)
+    # Bob sees it come online with its last state, as after a join; alice gets no ack (its
+    # page never knew); the mesh hears both; its membership starts again.
+    assert frames_to(back, bob) == [
+        {"t": "control", "op": "peer_online", "c": "room", "p": "alice"},
+        {"t": "control", "op": "peer_state", "c": "room", "p": "alice", "pl": state}]
+    assert frames_to(back, alice) == []
+    assert [(a.sig.op, a.sig.sid) for a in back if isinstance(a, Publish)] == [
+        ("peer_online", "1"), ("peer_state", "1")]
+    assert Member("app", "room", "alice", True) in back
+    assert alice.released is None and not alice.silent and "room" in alice.channels
+    # Bob answers the online with his state: alice (waiting since her re-join) gets it.
+    bob_state = msgpack.packb({"id": "bob"})
+    assert frames_to(pr.handle(bob, sig("peer_state", pl=bob_state)), alice)
+
+
+def test_a_silent_peer_rejoins_a_channel_freed_meanwhile_and_it_is_listened_to_again() -> None:
+    pr = Presence("eu")
+    alice = make(pr, "1", "alice")
+    joined(pr, alice)
+    pr.silence(alice)
+    assert Interest("app", "room", False) in pr.release(alice, "room")
+    back = pr.heard(alice)
+    assert Interest("app", "room", True) in back
+    assert pr.realms["app"].channels["room"].peers == {"1": alice}
+
+
+def test_a_silent_peer_leaving_cleanly_is_offline_at_once_and_nothing_stays_held() -> None:
+    pr = Presence("eu")
+    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
+    joined(pr, alice, bob)
+    pr.silence(alice)
+    gone = pr.disconnect(alice)
+    assert frames_to(gone, bob)[0]["op"] == "peer_offline"
+    assert not pr.realms["app"].channels["room"].held
+    assert pr.release(alice, "room") == []
+
+
+def test_a_silent_peer_whose_connection_then_vanished_stays_held_until_released() -> None:
+    pr = Presence("eu")
+    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
+    joined(pr, alice, bob)
+    pr.silence(alice)
+    pr.hold(alice)  # the hard timeout: out of the delivery lists, still held
+    channel = pr.realms["app"].channels["room"]
+    assert "1" not in channel.peers and "1" in channel.held and "1" not in pr.peers
+    assert not frames_to(pr.handle(bob, sig(None)), alice)
+    assert frames_to(pr.release(alice, "room"), bob)[0]["op"] == "peer_offline"
+
+
+def test_a_silent_peer_whose_id_came_back_on_another_connection_leaves_that_channel() -> None:
+    pr = Presence("eu")
+    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
+    joined(pr, alice, bob)
+    pr.silence(alice)
+    again = make(pr, "3", "alice")
+    joined(pr, again)
+    assert Returned(alice, "room") in pr.handle(again, sig("peer_online"))
+    channel = pr.realms["app"].channels["room"]
+    assert "1" not in channel.peers and "room" not in alice.channels
+    assert pr.heard(alice) == []  # in no channel any more: nothing to re-join
