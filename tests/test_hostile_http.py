@@ -174,38 +174,97 @@ def _closed_by_server(sock: socket.socket, within: float) -> bool:
         return not isinstance(exc, TimeoutError)
 
 
-async def test_connections_in_their_handshake_count_and_have_their_own_bound(
+def _silent_tcp(port: int, n: int) -> list[socket.socket]:
+    """``n`` TCP connections that never send a ClientHello: half-open before TLS."""
+    return [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+
+
+async def test_half_open_connections_before_tls_count_and_the_oldest_makes_room(
         node_factory: NodeFactory) -> None:
-    running = await node_factory(MAX_CONNECTIONS="5", MAX_HANDSHAKES="4",
-                                 HANDSHAKE_TIMEOUT="30")
+    """MAX_CONNECTIONS TCP connections that never start TLS are all counted; a newcomer
+    closes the oldest of them (not itself refused): a real peer joins, /health answers,
+    and all is released when they go."""
+    running = await node_factory(MAX_CONNECTIONS="20", MAX_HANDSHAKES="100",
+                                 HANDSHAKE_TIMEOUT="30", WEBTRANSPORT="false")
+    node_ = running.node
+    a = await joined(running, "room", "a")
+    silent = await asyncio.to_thread(_silent_tcp, running.port, 19)
+    await wait_for(lambda: node_.handshakes["websocket"] == 19)
+    assert node_.connections() == 20  # one peer and 19 before TLS: full
+    assert node_.presence.dropped["handshake_limit"] == 0
+    b = await joined(running, "room", "b")  # the oldest silent one made room
+    assert await asyncio.to_thread(_closed_by_server, silent[0], 5)
+    assert node_.presence.dropped["handshake_limit"] == 1
+    status, _, body = await get(f"https://127.0.0.1:{running.port}/health")
+    assert status == 200, body  # (it made room too: the second oldest)
+    assert await asyncio.to_thread(_closed_by_server, silent[1], 5)
+    health = json.loads(body)
+    assert health["dropped"]["handshake_limit"] == 2
+    await barrier(a, b, "room")
+    assert node_.connections() <= 20
+    for sock in silent:
+        sock.close()
+    await wait_for(lambda: node_.handshakes["websocket"] == 0)
+    assert node_.connections() == 2
+    await a.close()
+    await b.close()
+
+
+async def test_a_node_full_of_peers_keeps_a_few_half_open_slots(
+        node_factory: NodeFactory) -> None:
+    """MAX_CONNECTIONS peers: FULL_NODE_RESERVE (16) half-open connections are still let in
+    (the oldest closed past that), so the full node answers /health and 503 to a peer."""
+    from node.transports.handshakes import FULL_NODE_RESERVE
+
+    running = await node_factory(MAX_CONNECTIONS="2", HANDSHAKE_TIMEOUT="30",
+                                 WEBTRANSPORT="false")
     node_ = running.node
     a = await joined(running, "room", "a")
     b = await joined(running, "room", "b")
-    # Before TLS a connection is not counted (only its timeout bounds it): see
-    # node/transports/handshakes.py for why.
-    raw_tcp = socket.create_connection(("127.0.0.1", running.port))
-    tls = [await asyncio.to_thread(_tls_only, running.port) for _ in range(3)]
-    await wait_for(lambda: node_.handshakes["websocket"] == 3)
-    # Two peers and three handshakes: one more connection would pass MAX_CONNECTIONS.
-    try:
+    silent = await asyncio.to_thread(_silent_tcp, running.port, FULL_NODE_RESERVE + 4)
+    for sock in silent[:4]:
+        assert await asyncio.to_thread(_closed_by_server, sock, 5)
+    await wait_for(lambda: node_.handshakes["websocket"] == FULL_NODE_RESERVE)
+    assert node_.presence.dropped["handshake_limit"] == 4
+    status, _, body = await get(f"https://127.0.0.1:{running.port}/health")
+    assert status == 200, body
+    with pytest.raises(InvalidStatus) as err:
         await connect(running.ws_url("k", "c"), ssl=insecure())
-        raise AssertionError("admitted")
-    except InvalidStatus as exc:
-        assert exc.response.status_code == 503
-        assert exc.response.body == b"node full: 5 connections\n"
-    # Over MAX_HANDSHAKES (a fifth): the oldest is closed, counted.
-    fourth = await asyncio.to_thread(_tls_only, running.port)
-    await wait_for(lambda: node_.handshakes["websocket"] == 4)
-    extra = await asyncio.to_thread(_tls_only, running.port)
-    assert await asyncio.to_thread(_closed_by_server, tls[0], 5)
-    assert node_.presence.dropped["handshake_limit"] == 1
-    assert node_.handshakes["websocket"] == 4
-    for sock in (raw_tcp, *tls, fourth, extra):
+    assert err.value.response.status_code == 503
+    assert err.value.response.body == b"node full: 2 connections\n"
+    assert node_.connections() <= 2 + FULL_NODE_RESERVE
+    await barrier(a, b, "room")
+    for sock in silent:
         sock.close()
     await wait_for(lambda: node_.handshakes["websocket"] == 0)
-    c = await joined(running, "room", "c")  # room again once they are gone
-    await barrier(a, b, "room")
-    await c.close()
+    await a.close()
+    await b.close()
+
+
+async def test_half_open_connections_have_their_own_bound_and_deadline(
+        node_factory: NodeFactory) -> None:
+    """Over MAX_HANDSHAKES the oldest half-open connection is closed, before or after TLS;
+    each is closed after HANDSHAKE_TIMEOUT (TLS not begun, or no request) and uncounted."""
+    running = await node_factory(MAX_CONNECTIONS="100", MAX_HANDSHAKES="3",
+                                 HANDSHAKE_TIMEOUT="2", WEBTRANSPORT="false")
+    node_ = running.node
+    raw_tcp = socket.create_connection(("127.0.0.1", running.port))
+    tls = [await asyncio.to_thread(_tls_only, running.port) for _ in range(2)]
+    await wait_for(lambda: node_.handshakes["websocket"] == 3)
+    fourth = await asyncio.to_thread(_tls_only, running.port)
+    assert await asyncio.to_thread(_closed_by_server, raw_tcp, 5)  # the oldest
+    assert node_.presence.dropped["handshake_limit"] == 1
+    assert node_.handshakes["websocket"] == 3
+    started = time.monotonic()
+    late = socket.create_connection(("127.0.0.1", running.port))
+    assert await asyncio.to_thread(_closed_by_server, late, 6)  # no ClientHello: 2 s
+    assert 1.5 < time.monotonic() - started < 5
+    for sock in (*tls, fourth):  # TLS done, no request: closed within 2 s more
+        assert await asyncio.to_thread(_closed_by_server, sock, 6)
+    await wait_for(lambda: node_.handshakes["websocket"] == 0)
+    for sock in (raw_tcp, *tls, fourth, late):
+        sock.close()
+    await still_served(running)
 
 
 async def wait_for(condition: Any, timeout: float = 5.0) -> None:
@@ -343,3 +402,59 @@ def _health_within(port: int, timeout: float) -> dict[str, Any]:
             pass
         if time.monotonic() > deadline:
             raise AssertionError("/health did not answer")
+
+
+async def test_half_open_connections_on_uvloop_with_tls(tmp_path: Path) -> None:
+    """The production loop (uvloop, in a real node process) with TLS: connections before
+    TLS, after TLS, with a failed TLS handshake and connect-and-leave are each counted
+    and released at once when they end; the oldest makes room for a peer; no traceback."""
+    from bench import procs
+
+    srv = procs.start_node(tmp_path, tls=True, env={
+        "MAX_CONNECTIONS": "30", "HANDSHAKE_TIMEOUT": "30", "WEBTRANSPORT": "false"})
+    base = f"https://127.0.0.1:{srv.port}"
+
+    def health() -> dict[str, Any]:
+        status, _, body = http_get(f"{base}/health")
+        assert status == 200, body
+        return json.loads(body)
+
+    def counted(n: int) -> None:  # (the /health request's own connection counts too)
+        deadline = time.monotonic() + 5
+        while (got := health()["handshakes"].get("websocket", 0)) != n + 1:
+            assert time.monotonic() < deadline, (got, n)
+            time.sleep(0.05)
+
+    silent: list[socket.socket] = []
+    try:
+        a = await connect(f"wss://127.0.0.1:{srv.port}/v1?publickey=k&id=a", ssl=insecure())
+        await a.send(join_frame("room", "a"))
+        assert (await recv(a))["op"] == "channel_join"
+        silent = await asyncio.to_thread(_silent_tcp, srv.port, 17)
+        tls = await asyncio.to_thread(_tls_only, srv.port)
+        await asyncio.to_thread(counted, 18)
+        bad = socket.create_connection(("127.0.0.1", srv.port))  # not TLS: fails at once
+        bad.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert await asyncio.to_thread(_closed_by_server, bad, 5)
+        socket.create_connection(("127.0.0.1", srv.port)).close()  # connect and leave
+        await asyncio.to_thread(counted, 18)
+        silent += await asyncio.to_thread(_silent_tcp, srv.port, 11)  # 1 + 18 + 11: full
+        b = await connect(f"wss://127.0.0.1:{srv.port}/v1?publickey=k&id=b", ssl=insecure())
+        await b.send(join_frame("room", "b"))
+        assert (await recv(b))["op"] == "channel_join"
+        assert await asyncio.to_thread(_closed_by_server, silent[0], 5)
+        assert (await asyncio.to_thread(health))["dropped"]["handshake_limit"] >= 2
+        for sock in (*silent, tls):
+            sock.close()
+        await asyncio.to_thread(counted, 0)
+        await a.send(data_frame("room", "m", '"x"'))
+        while (await recv(b, 5))["t"] != "data":
+            pass
+        await a.close()
+        await b.close()
+    finally:
+        for sock in silent:
+            sock.close()
+        srv.stop()
+    log_text = srv.log_path.read_text()
+    assert "Traceback" not in log_text and "exc=" not in log_text, log_text[-3000:]

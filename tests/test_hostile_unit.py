@@ -200,22 +200,31 @@ def test_no_frame_costs_more_than_the_budget_to_decode(value: Any) -> None:
         # what the collector frees runs others' code.
         with contextlib.suppress(ProtocolError):
             protocol.decode(frame)
-        gc.disable()
-        tracemalloc.start()
+        # tracemalloc sees every thread: another's allocation (left by an earlier test in
+        # the same run) once showed as 1.9 MB. A frame's own cost is the same each time:
+        # the least of three is kept.
+        peak = min(_decode_peak(frame) for _ in range(3))
         try:
-            tracemalloc.reset_peak()
-            try:
-                sig = protocol.decode(frame)
-            except ProtocolError:
-                sig = None
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-            gc.enable()
+            sig = protocol.decode(frame)
+        except ProtocolError:
+            sig = None
         assert peak <= DECODE_BUDGET + 2 * len(frame), (peak, len(frame))
         if sig is not None and sig.pl is not None:
             assert _count(msgpack.unpackb(sig.pl, strict_map_key=False)) \
                 <= protocol.MAX_PAYLOAD_ITEMS
+
+
+def _decode_peak(frame: bytes) -> int:
+    gc.disable()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        with contextlib.suppress(ProtocolError):
+            protocol.decode(frame)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        gc.enable()
 
 
 def _count(value: Any) -> int:

@@ -2,13 +2,18 @@
 
 A TCP connection costs a socket and ~46 KiB before TLS, ~29 KiB after TLS before its
 request; a QUIC connection without a session ~70 KiB. They were not counted anywhere: a
-client could hold thousands (issue 15). Here each listener's connections in their handshake
-(TCP once TLS is done, see :class:`Handshakes`) are counted toward ``MAX_CONNECTIONS``
-(through :meth:`node.ports.Peers.handshaking`), have
-their own bound (``MAX_HANDSHAKES``: past it the oldest is closed) and
-the handshake timeout. At the open-files limit, asyncio's accept loop logs a traceback every
-second until descriptors come back: :class:`AcceptErrors` counts those failures, logs one
-line per interval, and sheds the oldest handshakes so that /health and peers get sockets.
+client could hold thousands (issue 15). Here each listener's half-open connections (TCP
+from its accept, TLS included; QUIC until it has a session) are counted toward
+``MAX_CONNECTIONS`` (through :meth:`node.ports.Peers.handshaking`), have their own bound
+(``MAX_HANDSHAKES``) and the handshake timeout. Past either bound the *oldest* half-open
+connection of the node is closed, not the newcomer: a real client finishes its handshake in
+milliseconds, so the oldest is almost always one that never meant to, and refusing
+newcomers would let a few idle sockets lock everyone out (and /health with them). A node
+whose ``MAX_CONNECTIONS`` are all peers still lets :data:`FULL_NODE_RESERVE` half-open
+connections in, so that it answers /health and 503. At the open-files limit, asyncio's
+accept loop logs a traceback every second until descriptors come back:
+:class:`AcceptErrors` counts those failures, logs one line per interval, and sheds the
+oldest handshakes so that /health and peers get sockets.
 """
 
 from __future__ import annotations
@@ -32,51 +37,87 @@ log = logging.getLogger("prscd.handshakes")
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
-class Handshakes:
-    """One listener's connections in their handshake, oldest first.
+#: Every node's listeners' :class:`Handshakes` (the oldest half-open connection is looked
+#: for across transports: a flood of QUIC connections must not keep a TCP peer out).
+_NODE_WIDE: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Handshakes]] = (
+    weakref.WeakKeyDictionary())
 
-    A TCP connection is counted once TLS is done (at once without TLS): asyncio drops one
-    whose TLS handshake fails without a word to its protocol object, which is then freed
-    only by the cyclic garbage collector, seconds later; counting those would let a client
-    that connects and leaves fill MAX_CONNECTIONS with ghosts. Before TLS a connection is
-    bounded by the handshake timeout and, at the open-files limit, by :class:`AcceptErrors`.
-    Entries are held by weak reference (and expire after the timeout) as a backstop.
+
+#: Half-open connections let in beside a node whose MAX_CONNECTIONS are all peers: a full
+#: node still answers /health, and 503 to a real client (whose browser sees the same error
+#: as a refused TCP connection, but the operator's tools see why).
+FULL_NODE_RESERVE = 16
+
+
+class Handshakes:
+    """One listener's half-open connections, oldest first.
+
+    ``began`` at the accept (TCP: before TLS, which the WebSocket listener makes itself so
+    that every ending is seen, node/transports/websocket.py), ``closable`` once it can be
+    closed (this applies the bounds), ``ended`` when it is a peer or gone. Entries are held
+    by weak reference and expire after ``expire`` seconds as a backstop.
     """
 
-    def __init__(self, peers: Peers, transport: str, limit: int, timeout: float) -> None:
+    def __init__(self, peers: Peers, transport: str, limit: int, timeout: float,
+                 max_connections: int = 0, expire: float = 0.0) -> None:
         self.peers = peers
         self.transport = transport
         self.limit = limit
         self.timeout = timeout
+        self.max_connections = max_connections
+        #: TLS then the request, each within the timeout (QUIC passes its own).
+        self.expire = expire or 2 * timeout + 1.0
         #: id(connection) -> [weak reference, how to close it now (None until it has a
-        #: transport)], oldest first.
+        #: transport), when it began], oldest first.
         self.pending: dict[int, list[Any]] = {}
+        self.node_wide = _NODE_WIDE.setdefault(peers, weakref.WeakSet())
+        self.node_wide.add(self)
 
     def __len__(self) -> int:
         return len(self.pending)
 
     def began(self, conn: Any) -> None:
         key, ref = id(conn), weakref.ref(conn)
-        self.pending[key] = [ref, None]
+        loop = asyncio.get_running_loop()
+        self.pending[key] = [ref, None, loop.time()]
         self.peers.handshaking(self.transport, 1)
         weakref.finalize(conn, self._forget, key, ref)
-        asyncio.get_running_loop().call_later(self.timeout + 1.0, self._forget, key, ref)
+        loop.call_later(self.expire, self._forget, key, ref)
 
     def closable(self, conn: Any, close: Callable[[], None]) -> None:
-        """``conn`` can now be closed by ``close``. Over the bound the oldest handshake is
-        closed (counted as ``handshake_limit``), not the newest: a client holding
-        connections open without a request must not keep /health or a real peer out."""
+        """``conn`` can now be closed by ``close``. Over ``MAX_HANDSHAKES``, or with the
+        node's half-open connections past what ``MAX_CONNECTIONS`` leaves beside its peers
+        (at least :data:`FULL_NODE_RESERVE`), the oldest half-open connection is closed
+        (``handshake_limit``), never the newest."""
         entry = self.pending.get(id(conn))
         if entry is None:
             return
         entry[1] = close
         if self.limit and len(self.pending) > self.limit:
-            for key, (ref, oldest) in list(self.pending.items()):
-                if oldest is not None and key != id(conn):
-                    self._forget(key, ref)
-                    oldest()
-                    self.peers.count_drop("handshake_limit")
-                    break
+            self._close_oldest([self], conn)
+        if self.max_connections:
+            total = self.peers.connections()
+            half_open = sum(len(h.pending) for h in self.node_wide)
+            room = max(self.max_connections - (total - half_open), FULL_NODE_RESERVE)
+            if half_open > room:
+                self._close_oldest(list(self.node_wide), conn)
+
+    def _close_oldest(self, among: list[Handshakes], conn: Any) -> bool:
+        oldest: tuple[float, Handshakes, int] | None = None
+        for handshakes in among:
+            for key, (_, close, born) in handshakes.pending.items():
+                if close is not None and key != id(conn):
+                    if oldest is None or born < oldest[0]:
+                        oldest = (born, handshakes, key)
+                    break  # (each listener's entries are in order)
+        if oldest is None:
+            return False
+        _, handshakes, key = oldest
+        ref, close, _ = handshakes.pending[key]
+        handshakes._forget(key, ref)
+        close()
+        self.peers.count_drop("handshake_limit")
+        return True
 
     def ended(self, conn: Any) -> None:
         """Idempotent: a peer now, closed, or timed out."""
@@ -93,7 +134,7 @@ class Handshakes:
     def shed(self, n: int) -> int:
         """Close up to ``n`` of the oldest closable handshakes; how many were."""
         shed = 0
-        for key, (ref, close) in list(self.pending.items()):
+        for key, (ref, close, _) in list(self.pending.items()):
             if shed >= n:
                 break
             if close is not None:
@@ -103,6 +144,18 @@ class Handshakes:
         if shed:
             self.peers.count_drop("handshake_shed", shed)
         return shed
+
+
+def tls_protocol(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's own TLS protocol class (uvloop's is in C; asyncio's in Python), the one
+    ``create_server(ssl=...)`` would put under a connection."""
+    if type(loop).__module__.startswith("uvloop"):
+        from uvloop.loop import SSLProtocol as UvSSLProtocol
+
+        return UvSSLProtocol
+    from asyncio.sslproto import SSLProtocol
+
+    return SSLProtocol
 
 
 class AcceptErrors:
