@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import msgpack
+import pytest
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import NodeFactory
@@ -296,6 +297,43 @@ async def test_a_trickled_huge_headers_frame_is_refused_on_its_header(
     assert node.node.presence.dropped["headers_too_large"] == 1
     await barrier(a, b, "room")
     async with wt_connect(node.port, "/v1?publickey=k&id=ok") as fine:  # real requests pass
+        assert fine.status == 200
+
+
+@pytest.mark.parametrize(("stream", "first", "code", "why"), [
+    # MAX_PUSH_ID (which a client may send) declaring 4 MiB on its own control stream.
+    ("control", b"\x0d\x80\x40\x00\x00", 0x107, "control frame of type 0xd declares"),
+    # An insert with a literal name declaring 4 MiB on its QPACK encoder stream.
+    ("encoder", b"\x5f\xe1\xff\xff\x01", 0x201, "QPACK encoder stream: a string declares"),
+])
+async def test_huge_frames_on_the_control_and_qpack_streams_are_refused_on_their_header(
+        node_factory: NodeFactory, stream: str, first: bytes, code: int, why: str) -> None:
+    """aioquic buffers a control-stream SETTINGS or MAX_PUSH_ID frame until complete
+    (re-copied on every packet), and hands the encoder stream to the QPACK library: the
+    declared length is read first, the connection closed with the H3 error, counted."""
+    node = await node_factory()
+    a = await joined(node, "room", "a")
+    b = await joined(node, "room", "b")
+    async with wt_connect(node.port) as attacker:
+        quic = attacker._quic
+        stream_id = (attacker.h3._local_control_stream_id if stream == "control"
+                     else attacker.h3._local_encoder_stream_id)
+        quic.send_stream_data(stream_id, first)
+        attacker.transmit()
+        started = time.monotonic()
+        for _ in range(200):
+            if attacker.terminated is not None:
+                break
+            quic.send_stream_data(stream_id, bytes(1000))
+            attacker.transmit()
+            await asyncio.sleep(0.005)
+        await attacker.until(lambda: attacker.terminated is not None, 5, "the server's close")
+        assert time.monotonic() - started < 3.0
+        assert attacker.terminated.error_code == code
+        assert why in attacker.terminated.reason_phrase, attacker.terminated.reason_phrase
+    assert node.node.presence.dropped["h3_stream_too_large"] == 1
+    await barrier(a, b, "room")
+    async with wt_connect(node.port, "/v1?publickey=k&id=ok") as fine:  # real clients pass
         assert fine.status == 200
 
 

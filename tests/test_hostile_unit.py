@@ -363,3 +363,72 @@ def test_frame_headers_are_checked_as_they_arrive_whatever_the_packets() -> None
     assert frames.check(4, _h3_varint(0x41) + _h3_varint(0) + bytes(100_000), False) == ""
     assert frames.check(4, bytes(100_000), True) == ""
     assert 4 not in frames.streams
+
+
+# -- HTTP/3 unidirectional streams: declared lengths read before aioquic buffers ------------
+
+
+def _uni_fed(chunks: list[bytes]) -> tuple[int, str]:
+    from node.transports.h3frames import UniStreams
+
+    uni = UniStreams()
+    for chunk in chunks:
+        code, why = uni.check(2, chunk, False)
+        if code:
+            return code, why
+    return 0, ""
+
+
+def _bytewise(data: bytes) -> list[bytes]:
+    return [data[i:i + 1] for i in range(len(data))]
+
+
+def _encoder_stream() -> bytes:
+    """A real QPACK encoder's instructions (capacity, inserts with literal names)."""
+    import pylsqpack
+
+    encoder = pylsqpack.Encoder()
+    out = encoder.apply_settings(max_table_capacity=4096, blocked_streams=16)
+    for i in range(5):
+        out += encoder.encode(i * 4, [(b"x-custom-name", b"v" * 100), (b"x-other", b"abc")])[0]
+    return out
+
+
+def test_real_control_and_encoder_streams_pass_whole_and_byte_by_byte() -> None:
+    from aioquic.buffer import encode_uint_var
+
+    settings_frame = encode_uint_var(0x4) + encode_uint_var(6) + bytes.fromhex("01000640001000")[:6]
+    control = b"\x00" + settings_frame + b"\x0d\x01\x05" + b"\x21\x03abc"  # + an unknown type
+    encoder = b"\x02" + _encoder_stream()
+    assert len(encoder) > 100  # (inserts were made)
+    for stream in (control, encoder, b"\x03\x81\x01\x42", b"\x54\x00" + bytes(5000)):
+        assert _uni_fed([stream]) == (0, "")
+        assert _uni_fed(_bytewise(stream)) == (0, "")
+
+
+@pytest.mark.parametrize(("stream", "code", "why"), [
+    (b"\x00\x04\x80\x01\x00\x00", 0x107, "control frame of type 0x4 declares 65536 bytes"),
+    (b"\x00\x04\x01\x00\x0d\x80\x40\x00\x00", 0x107, "type 0xd declares 4194304 bytes"),
+    # Insert with a literal name declaring 100,000 bytes (5-bit prefix, then 7-bit groups).
+    (b"\x02\x5f\x81\x8d\x06", 0x201, "a string declares 100000 bytes"),
+    # Insert with a name reference (static index 1), its value declaring 5,000 bytes.
+    (b"\x02\xc1\x7f\x89\x26", 0x201, "a string declares 5000 bytes"),
+    # A length that never ends.
+    (b"\x02\x5f" + b"\xff" * 12, 0x201, "an endless bytes"),
+])
+def test_declared_lengths_over_the_limit_are_refused_on_their_header(
+        stream: bytes, code: int, why: str) -> None:
+    for chunks in ([stream], _bytewise(stream)):
+        got = _uni_fed(chunks)
+        assert got[0] == code and why in got[1], got
+
+
+def test_unknown_control_frames_are_skipped_by_count_without_keeping_bytes() -> None:
+    from node.transports.h3frames import UniStreams
+
+    uni = UniStreams()
+    assert uni.check(2, b"\x00\x21\x80\x10\x00\x00", False) == (0, "")  # 1 MiB unknown
+    for _ in range(64):
+        assert uni.check(2, bytes(16384), False) == (0, "")
+    assert uni.streams[2][1] == 0 and uni.streams[2][2] == b""
+    assert uni.check(2, b"\x04\x80\x01\x00\x00", False)[0] == 0x107  # the next frame: checked
