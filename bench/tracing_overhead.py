@@ -5,16 +5,17 @@ At the defaults every presence change is traced and 1% of ``data`` messages
 (``TRACE_DATA_RATIO``); "all" sets ``TRACE_DATA_RATIO=1``. The fan-out sends only ``data``
 messages, so "defaults" is what a cursor-heavy app pays with tracing left on.
 
-Built for a shared, busy machine: three nodes run side by side (off, defaults, all), each
-with its own receivers connected once; the rounds take turns sending to one of them
-(the order rotates each round, so each config runs first, second and last equally
-often). A round's cost is the node's CPU (``/proc/PID/stat``: every thread, so the
-BatchSpanProcessor's encoding and HTTP export are in it) from the first message sent
-until every receiver has the last one and the node's spans are exported (a tail longer
-than ``OTEL_BSP_SCHEDULE_DELAY``), divided by the deliveries in that time. Reported:
-medians per config, the median of the per-round ratios (each round's three runs are
-seconds apart), throughput as a secondary figure, and the machine's load (load average
-and, per round, the share of all CPUs busy from ``/proc/stat``).
+Built for a shared, busy machine: four nodes run side by side (off, defaults, all, and
+"control", tracing off again: an A/A pair that shows this run's noise), each with its own
+receivers connected once; the rounds take turns sending to one of them (the order rotates
+each round, so each config runs in each position equally often). A round's cost is the
+node's CPU (``/proc/PID/stat``: every thread, so the BatchSpanProcessor's encoding and
+HTTP export are in it) from the first message sent until every receiver has the last one
+and the node's spans are exported (a tail longer than ``OTEL_BSP_SCHEDULE_DELAY``),
+divided by the deliveries in that time. Reported: medians per config, the median of the
+per-round ratios (a round's four runs are seconds apart), throughput as a secondary
+figure, and the machine's load (load average and, per round, the share of all CPUs busy
+from ``/proc/stat``).
 
 The spans go to a local OTLP/HTTP endpoint (:class:`Sink`), the protocol and path Jaeger
 ingests (a real Jaeger cannot run here): the node's real ``OTLPSpanExporter`` encodes and
@@ -36,7 +37,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from bench.procs import Pool, Server, start_node
 
-CONFIGS = ("off", "defaults", "all")
+CONFIGS = ("off", "defaults", "all", "control")
 #: The goals, as CPU per delivery: "costs at most 10% / 25% of throughput" on a node
 #: that is CPU-bound = the same CPU delivers at least 0.90x / 0.75x as much.
 GOAL_DEFAULTS, GOAL_ALL = 1 / 0.90, 1 / 0.75
@@ -98,7 +99,7 @@ class Target:
 
     def __init__(self, which: str, log_dir: Path, *, peers: int, workers: int) -> None:
         self.which = which
-        self.sink = Sink() if which != "off" else None
+        self.sink = Sink() if which in ("defaults", "all") else None
         env = dict(QUIET)
         if self.sink is not None:
             env |= {"YOMO_TRACE_JAEGER_ENDPOINT": self.sink.url,
@@ -163,8 +164,8 @@ class Target:
                 "export_bytes": self.sink.bytes if self.sink else 0}
 
 
-def run(log_dir: Path, *, peers: int = 1000, rounds: int = 15, duration: float = 1.5,
-        warmup: float = 0.3, window: int = 128, workers: int = 2,
+def run(log_dir: Path, *, peers: int = 1000, rounds: int = 20, duration: float = 1.0,
+        warmup: float = 0.2, window: int = 128, workers: int = 2,
         size: int = 64) -> dict[str, Any]:
     load_start = os.getloadavg()
     targets: dict[str, Target] = {}
@@ -181,7 +182,8 @@ def run(log_dir: Path, *, peers: int = 1000, rounds: int = 15, duration: float =
             return {"skipped": "the node exported no spans with YOMO_TRACE_JAEGER_ENDPOINT "
                                "set"}
         for r in range(rounds):
-            for which in CONFIGS[r % 3:] + CONFIGS[:r % 3]:
+            k = r % len(CONFIGS)
+            for which in CONFIGS[k:] + CONFIGS[:k]:
                 results[which].append(targets[which].round(
                     size=size, window=window, warmup=warmup, duration=duration, tail=tail))
     finally:
@@ -212,6 +214,7 @@ def summarize(results: dict[str, list[dict[str, Any]]], closing: dict[str, Any],
         # The goals' figures: CPU per delivery against tracing off (1.0 = free).
         "ratio": cpu["defaults"] / cpu["off"], "ratio_all": cpu["all"] / cpu["off"],
         "ratio_paired": paired("defaults"), "ratio_all_paired": paired("all"),
+        "ratio_control": cpu["control"] / cpu["off"], "ratio_control_paired": paired("control"),
         "spread": {k: [round(min(x["cpu_us_per_delivery"] for x in results[k]), 3),
                        round(max(x["cpu_us_per_delivery"] for x in results[k]), 3)]
                    for k in CONFIGS},
@@ -248,4 +251,8 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             f"**{r[key]:.3f}x** CPU (paired {r[key + '_paired']:.3f}x); "
             f"{r['rate_ratio' + key[5:]]:.2f}x deliveries/s",
             f"{goal} ({'met' if met else 'MISSED'})"))
+    out.append((
+        "A/A control: a second node with tracing off, same rounds (this run's noise)",
+        f"{cpu['control']:.3f} ({rate['control']:,.0f}/s)", f"{cpu['off']:.3f} (tracing off)",
+        f"{r['ratio_control']:.3f}x CPU (paired {r['ratio_control_paired']:.3f}x)", "1.0"))
     return out
