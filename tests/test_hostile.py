@@ -353,6 +353,30 @@ async def test_quic_connections_without_a_session_count_and_a_get_a_second_is_cl
         assert node.node.handshakes["webtransport"] == 0
 
 
+async def test_half_open_quic_connections_share_the_bound_the_oldest_closed(
+        node_factory: NodeFactory) -> None:
+    """QUIC connections without a session are half-open like TCP ones: past
+    MAX_HANDSHAKES the oldest is closed (any transport's), counted; a session still opens."""
+    from testkit.wt_client import close_client, open_client
+
+    node = await node_factory(MAX_HANDSHAKES="2", HANDSHAKE_TIMEOUT="30")
+    first = await open_client(node.port, None)
+    second = await open_client(node.port, None)
+    try:
+        await wait_until(lambda: node.node.handshakes["webtransport"] == 2, 5, "counted")
+        async with wt_connect(node.port, "/v1?publickey=k&id=w") as wt:  # a third: room made
+            assert wt.status == 200
+            await first.until(lambda: first.terminated is not None, 5, "the oldest closed")
+            assert first.terminated.reason_phrase == "too many connections in their handshake"
+            assert second.terminated is None
+            assert node.node.presence.dropped["handshake_limit"] == 1
+            assert node.node.handshakes["webtransport"] == 1
+    finally:
+        await close_client(first)
+        await close_client(second)
+    await wait_until(lambda: node.node.handshakes["webtransport"] == 0, 5, "released")
+
+
 async def test_a_publickey_that_is_not_utf8_is_refused_400(node_factory: NodeFactory) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
