@@ -56,7 +56,8 @@ def _connect(pool: Pool, port: int, transport: str, ids: list[str], **how: Any) 
 
 
 def rss_round(pool: Pool, log_dir: Path, transport: str, peers: int, tag: str,
-              settle: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+              settle: float, env: dict[str, str] | None = None,
+              age: float = 0.0) -> dict[str, Any]:
     server = start_node(log_dir, tls=True, name=f"prscd-mem-{transport}", port=free_port(),
                         env={"WEBTRANSPORT": "true", **IDLE, **(env or {})})
     try:
@@ -65,12 +66,15 @@ def rss_round(pool: Pool, log_dir: Path, transport: str, peers: int, tag: str,
         _connect(pool, server.port, transport, [f"{tag}-{i}" for i in range(peers)])
         time.sleep(settle)
         rss1 = server.rss_kib()
+        if age:  # idle longer: past the node's heap trim (MALLOC_TRIM_INTERVAL, 30 s)
+            time.sleep(age)
+        rss2 = server.rss_kib()
         still = sum(c["open"] for c in pool.call_all("open_count"))
     finally:
         pool.call_all("close_all")
         server.stop()
-    return {"rss_before_kib": rss0, "rss_idle_kib": rss1, "open": still,
-            "kib_per_peer": (rss1 - rss0) / peers}
+    return {"rss_before_kib": rss0, "rss_idle_kib": rss1, "rss_aged_kib": rss2, "open": still,
+            "kib_per_peer": (rss1 - rss0) / peers, "aged_kib_per_peer": (rss2 - rss0) / peers}
 
 
 #: (name, transport, extra node environment) measured in each round.
@@ -80,7 +84,7 @@ CASES: tuple[Case, ...] = (("webtransport", "webtransport", {}),
 
 
 def rss(log_dir: Path, *, peers: int = 500, rounds: int = 3, settle: float = 2.0,
-        workers: int = 2, cases: tuple[Case, ...] = CASES) -> dict[str, Any]:
+        age: float = 0.0, workers: int = 2, cases: tuple[Case, ...] = CASES) -> dict[str, Any]:
     """``cases`` may add a node from another checkout (``PYTHONPATH``): before/after."""
     detail: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in cases}
     with Pool(workers, uvloop=False) as pool:  # aioquic clients: see bench/procs.py
@@ -88,11 +92,15 @@ def rss(log_dir: Path, *, peers: int = 500, rounds: int = 3, settle: float = 2.0
             # Rotate the order so that drift on a shared machine hits every case.
             for name, transport, env in cases[r % len(cases):] + cases[:r % len(cases)]:
                 detail[name].append(rss_round(pool, log_dir, transport, peers,
-                                              f"m{name[:3]}{r}", settle, env))
+                                              f"m{name[:3]}{r}", settle, env, age))
     per = {name: statistics.median(x["kib_per_peer"] for x in detail[name])
            for name, _, _ in cases}
+    aged = {name: statistics.median(x["aged_kib_per_peer"] for x in detail[name])
+            for name, _, _ in cases}
     out: dict[str, Any] = {"peers": peers, "rounds": rounds, "settle_s": settle,
                            "kib_per_peer": per, "detail": detail, "target_kib": TARGET_KIB}
+    if age:
+        out.update(age_s=age, aged_kib_per_peer=aged)
     if "webtransport" in per:
         out["met"] = per["webtransport"] <= TARGET_KIB
         if per.get("websocket"):
@@ -171,10 +179,11 @@ def own_objects(conns: list[Any]) -> dict[str, Any]:
                    ("tls", conn.quic.tls)]
         for prefix, holder in holders:
             taken.add(id(holder))
-            rows.setdefault(f"{prefix} (object itself)", []).append(sys.getsizeof(holder)
-                                                                   + sys.getsizeof(vars(holder)))
+            own = sys.getsizeof(holder) + (sys.getsizeof(vars(holder))
+                                           if hasattr(holder, "__dict__") else 0)
+            rows.setdefault(f"{prefix} (object itself)", []).append(own)
         for prefix, holder in reversed(holders):  # the innermost owner gets the bytes
-            for attr, value in sorted(vars(holder).items()):
+            for attr, value in sorted(_attributes(holder).items()):
                 if id(value) in taken:
                     continue
                 found = _reachable(value, taken)
@@ -183,6 +192,13 @@ def own_objects(conns: list[Any]) -> dict[str, Any]:
                 rows.setdefault(f"{prefix}.{attr}", []).append(size)
     return {k: statistics.median(v) for k, v in sorted(rows.items(), key=lambda kv:
                                                         -statistics.median(kv[1]))}
+
+
+def _attributes(obj: Any) -> dict[str, Any]:
+    if hasattr(obj, "__dict__"):
+        return vars(obj)
+    names = [n for cls in type(obj).__mro__ for n in getattr(cls, "__slots__", ())]
+    return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
 
 
 def census(conns: list[Any]) -> dict[str, float]:
@@ -274,13 +290,14 @@ def where(*, peers: int = 500, frames: int = 25, settle: float = 2.0, workers: i
 
 
 def run(log_dir: Path, *, peers: int = 500, rounds: int = 3,
-        only: Iterable[str] = ("rss", "where"), before: Path | None = None) -> dict[str, Any]:
+        only: Iterable[str] = ("rss", "where"), before: Path | None = None,
+        age: float = 0.0) -> dict[str, Any]:
     todo = set(only)
     out: dict[str, Any] = {}
     if "rss" in todo:
         cases = CASES if before is None else (
             *CASES, ("webtransport_before", "webtransport", {"PYTHONPATH": str(before)}))
-        out["rss"] = rss(log_dir, peers=peers, rounds=rounds, cases=cases)
+        out["rss"] = rss(log_dir, peers=peers, rounds=rounds, cases=cases, age=age)
         out.update({k: out["rss"][k] for k in ("met", "ratio") if k in out["rss"]})
     if "where" in todo:
         out["where"] = where(peers=peers)
@@ -305,13 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", default="rss,where")
+    p.add_argument("--age", type=float, default=0.0,
+                   help="seconds idle before a second RSS reading (past the 30 s heap trim)")
     p.add_argument("--before", type=Path, default=None,
                    help="a checkout whose node/ is measured too (PYTHONPATH), as 'before'")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "prscd-wtmem")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.out, peers=args.peers, rounds=args.rounds, only=args.only.split(","),
-                 before=args.before)
+                 before=args.before, age=args.age)
     json.dump(result, sys.stdout, indent=1)
     print()
     return 0

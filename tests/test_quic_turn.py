@@ -29,6 +29,7 @@ from node.transports.quic_turn import (
     BoundedFifo,
     Fifo,
     PacketWindow,
+    ServerTlsDone,
     SlimH3Connection,
     after_handshake,
     free_handshake_buffers,
@@ -264,7 +265,11 @@ def test_slim_connection_keeps_less(slim: SlimPair) -> None:
     assert set(server._crypto_streams) == {Epoch.ONE_RTT}
     assert server._loss.spaces == [server._spaces[Epoch.ONE_RTT]]
     assert isinstance(server._spaces[Epoch.ONE_RTT].received_packets, PacketWindow)
-    assert server.tls.key_schedule is None and not server.tls._ec_private_keys
+    assert isinstance(server.tls, ServerTlsDone)
+    with pytest.raises(tls.AlertUnexpectedMessage):  # as aioquic's context after its handshake
+        server.tls.handle_message(b"\x04\x00", server._crypto_buffers)  # (partial: kept)
+        server.tls.handle_message(b"\x00\x00", server._crypto_buffers)
+    assert server._crypto_buffers[Epoch.ONE_RTT].tell() == 0
     stream_id = slim.request(b"/v1")
     slim.respond(stream_id)
     assert slim.server_h3 is not None

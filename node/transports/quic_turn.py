@@ -18,7 +18,7 @@ two thirds of the node's CPU went to building packets, much of it building nothi
   connection kept for nothing (bench/wt_memory.py measures it; docs/performance.md):
   the frame-handler table built per connection, eight connection ids each way, the
   handshake's keys, packet spaces and crypto streams, a set of received packet numbers
-  that grows to 256 entries, and a QPACK dynamic table the node never needs.
+  that grows to 256 entries, the TLS context, and QPACK dynamic tables the node never needs.
 
 These read aioquic internals (``pyproject.toml`` pins the version range;
 tests/test_quic_turn.py checks each assumption against real connections).
@@ -32,6 +32,7 @@ from types import MethodType
 from typing import Any, Protocol
 
 import pylsqpack
+from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.h3.connection import H3Connection
 from aioquic.quic.connection import QuicConnection
@@ -134,18 +135,17 @@ HOST_CONNECTION_IDS = 2
 PEER_CONNECTION_IDS = 2
 
 
-class _SlimConnection(QuicConnection):
-    """A QuicConnection that issues HOST_CONNECTION_IDS connection ids rather than up to
-    8 (each is also an entry of the server's routing table). Set on a connection made by
-    aioquic's QuicServer with :func:`slim_connection`."""
-
-    def _replenish_connection_ids(self) -> None:
-        limit = self._remote_active_connection_id_limit
-        self._remote_active_connection_id_limit = min(limit, HOST_CONNECTION_IDS)
-        try:
-            super()._replenish_connection_ids()
-        finally:
-            self._remote_active_connection_id_limit = limit
+def _replenish_few_connection_ids(quic: QuicConnection) -> None:
+    """aioquic's ``_replenish_connection_ids`` issuing HOST_CONNECTION_IDS rather than up
+    to 8 (each also an entry of the server's routing table). Set on the instance: a
+    subclass (``__class__`` swapped) made aioquic's packet code 10% slower per packet,
+    its attribute lookups then seeing two types."""
+    limit = quic._remote_active_connection_id_limit
+    quic._remote_active_connection_id_limit = min(limit, HOST_CONNECTION_IDS)
+    try:
+        QuicConnection._replenish_connection_ids(quic)
+    finally:
+        quic._remote_active_connection_id_limit = limit
 
 
 class FrameHandlers:
@@ -178,8 +178,9 @@ def _frame_handlers(quic: QuicConnection) -> Any:
 
 def slim_connection(quic: QuicConnection) -> None:
     """Before a server connection handles its first packet (H3Protocol.__init__)."""
-    if type(quic) is QuicConnection:
-        quic.__class__ = _SlimConnection
+    if "_replenish_connection_ids" not in vars(quic):
+        quic._replenish_connection_ids = MethodType(  # type: ignore[method-assign]
+            _replenish_few_connection_ids, quic)
     if not isinstance(_frame_handlers(quic), FrameHandlers):
         quic._QuicConnection__frame_handlers = FrameHandlers(quic)  # type: ignore[attr-defined]
     quic._local_active_connection_id_limit = PEER_CONNECTION_IDS
@@ -244,14 +245,41 @@ def after_handshake(quic: QuicConnection) -> bool:
     quic._loss.spaces = [one_rtt]  # the discarded ones were emptied by aioquic
     if isinstance(one_rtt.received_packets, QuicPacketNumberWindow):
         one_rtt.received_packets = PacketWindow(one_rtt.received_packets)  # type: ignore[assignment]
-    # The TLS server only answers an alert after its handshake (see free_handshake_buffers):
-    # its key exchange keys and transcript are no longer read.
-    tls = quic.tls
-    tls._ec_private_keys = []
-    tls._x25519_private_key = tls._x448_private_key = None
-    tls.key_schedule = None
-    tls.received_extensions = None
+    versions = tuple(quic._cryptos_initial)
+    quic._cryptos_initial = _DISCARDED_INITIAL.setdefault(
+        versions, dict.fromkeys(versions, _DISCARDED_CRYPTO))
+    if quic.tls.state == State.SERVER_POST_HANDSHAKE:
+        quic.tls = ServerTlsDone(quic.tls)  # type: ignore[assignment]
     return True
+
+
+#: Shared ``_cryptos_initial`` per tuple of versions: only read after the handshake (an
+#: INITIAL packet's keys, which fail), never written.
+_DISCARDED_INITIAL: dict[tuple[int, ...], dict[int, CryptoPair]] = {}
+
+
+class ServerTlsDone:
+    """What aioquic reads of a server's TLS context once its handshake is done, in place
+    of the context (~4.5 KB with its key exchange keys, transcript, extensions, lists and
+    logger). aioquic's server context answers any complete message after its handshake
+    with AlertUnexpectedMessage (tls.py, SERVER_POST_HANDSHAKE) and buffers a partial
+    one: so does this."""
+
+    __slots__ = ("_receive_buffer", "alpn_negotiated", "client_random",
+                 "early_data_accepted", "session_resumed", "state")
+
+    def __init__(self, context: tls.Context) -> None:
+        self.state = context.state
+        self.alpn_negotiated = context.alpn_negotiated
+        self.early_data_accepted = context.early_data_accepted
+        self.session_resumed = context.session_resumed
+        self.client_random = context.client_random
+        self._receive_buffer: bytes = context._receive_buffer
+
+    def handle_message(self, input_data: bytes, output_buf: dict[Epoch, Buffer]) -> None:
+        buf = self._receive_buffer = self._receive_buffer + input_data
+        if len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[1:4], byteorder="big"):
+            raise tls.AlertUnexpectedMessage
 
 
 class _NoTableEncoder:
@@ -317,6 +345,28 @@ class SlimH3Connection(H3Connection):
         self._decoder = _LazyDecoder()  # type: ignore[assignment]
         self._encoder = _NoTableEncoder(self._encoder)  # type: ignore[assignment]
         super()._init_connection()
+        self._sent_settings = _shared_settings(self._sent_settings)
+
+    def _handle_control_frame(self, frame_type: int, frame_data: bytes) -> None:
+        super()._handle_control_frame(frame_type, frame_data)
+        if self._received_settings is not None:
+            self._received_settings = _shared_settings(self._received_settings)
+
+
+#: SETTINGS dicts (only read once received or sent) shared by the connections that have
+#: the same ones: a browser's are all alike. Bounded: others keep their own.
+_SETTINGS: dict[tuple[tuple[int, int], ...], dict[int, int]] = {}
+_SETTINGS_KINDS = 64
+
+
+def _shared_settings(settings: dict[int, int] | None) -> dict[int, int] | None:
+    if settings is None:
+        return None
+    key = tuple(sorted(settings.items()))
+    shared = _SETTINGS.get(key)
+    if shared is None and len(_SETTINGS) < _SETTINGS_KINDS:
+        shared = _SETTINGS[key] = settings
+    return shared if shared is not None else settings
 
 
 class Fifo(list):  # type: ignore[type-arg]
