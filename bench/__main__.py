@@ -33,6 +33,8 @@ Benchmarks (``--only`` takes a comma-separated list):
 - ``webtransport``: 100 and 500 receivers over WebTransport datagrams vs WebSocket on the
   same node (TLS on), one and 32 messages in flight: node CPU per delivery (ratio, goal
   <= 2x), deliveries lost, idle KiB per peer (goal <= 40)
+- ``wt_memory``: 500 idle WebTransport peers: the node's RSS per peer against WebSocket
+  peers (goal <= 40 KiB) and where it goes (tracemalloc by part): ``bench/wt_memory.py``
 - ``hostile``:  another peer's round trip p50/p99 while each hostile client of issue 15
   runs, against the same peer with no attack in the same run (goal p99 <= 2x within the
   default limits; the attacker closed within 2 s otherwise): ``bench/hostile.py``
@@ -60,7 +62,8 @@ from typing import Any
 from bench.procs import ROOT
 
 ALL = ("fanout", "capacity", "slow", "storm", "latency", "tracing", "members", "webhooks",
-       "native", "webtransport", "geo", "workers", "metrics", "hostile", "keepalive")
+       "native", "webtransport", "geo", "workers", "metrics", "hostile", "keepalive",
+       "wt_memory")
 
 
 def machine() -> dict[str, Any]:
@@ -105,6 +108,7 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         webhooks,
         workers,
         wt_fanout,
+        wt_memory,
     )
 
     logs = out / "logs"
@@ -141,6 +145,8 @@ def run(names: list[str], out: Path, *, quick: bool, tls: bool,
         "webtransport": lambda: wt_fanout.run(logs, **({"receivers": (20,), "windows": (1, 8),
                                                         "rounds": 1, "duration": 1.0,
                                                         "warmup": 0.5} if quick else {})),
+        "wt_memory": lambda: wt_memory.run(logs, **({"peers": 20, "rounds": 1}
+                                                    if quick else {})),
         "metrics": lambda: metrics.run(logs, **({"peers": 200, "narrow": 10, "rounds": 2,
                                                  "duration": 1.5, "warmup": 0.5}
                                                 if quick else {})),
@@ -331,6 +337,12 @@ def markdown(r: dict[str, Any]) -> str:
         from bench.wt_fanout import table_rows
 
         for cells in table_rows(wt):
+            row(*cells)
+    wm = r.get("wt_memory")
+    if wm is not None and not skipped("webtransport idle memory", wm):
+        from bench.wt_memory import table_rows as wt_memory_rows
+
+        for cells in wt_memory_rows(wm):
             row(*cells)
     g = r.get("geo")
     if g is not None and not skipped("geo (WAN)", g):
