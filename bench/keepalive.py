@@ -18,6 +18,8 @@ idle timeout (60 s) would otherwise end keepalive-off connections during a slow 
 Every close is counted by code, while connecting and during the window (from the node's
 ``prscd_connections_closed_total`` and from the clients): a close is a false timeout,
 and a window with closes (or under 98% of the peers open) is left out of the medians.
+Every peer found *silent* (past the soft timeout: offline for the others, not closed;
+``prscd_presence_grace_total{outcome="silent"}``) is a false silence, counted the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ CONFIGS: dict[str, dict[str, dict[str, str]]] = {
                              "WT_IDLE_TIMEOUT": "60"}},
 }
 CLOSED = "prscd_connections_closed_total"
+SILENT = 'prscd_presence_grace_total{outcome="silent"}'
 
 
 @command
@@ -112,6 +115,7 @@ def one_node(pool: Pool, log_dir: Path, transport: str, config: str, *, peers: i
         info = _connect(pool, server, transport, [f"{tag}-{i}" for i in range(peers)],
                         workers, concurrency)
         closed_connect = _closed_by_code(server)
+        silent_connect = int(server.metrics().get(SILENT, 0))
         if tls:
             pool.call_all("keepalive_touch")
         time.sleep(settle)
@@ -121,6 +125,7 @@ def one_node(pool: Pool, log_dir: Path, transport: str, config: str, *, peers: i
         cpu1, seconds = server.cpu_seconds(), time.monotonic() - t0
         open_end = _open_now(server, transport)
         closed = _closed_by_code(server)
+        silent = int(server.metrics().get(SILENT, 0))
         clients = pool.call_all("open_count")
         pool.call_all("close_all")
     finally:
@@ -138,6 +143,7 @@ def one_node(pool: Pool, log_dir: Path, transport: str, config: str, *, peers: i
         "closed_by_node_window": {c: n - closed_connect.get(c, 0) for c, n in closed.items()
                                   if n - closed_connect.get(c, 0)},
         "closed_at_clients": codes, "clients_open": sum(r["open"] for r in clients),
+        "silent_connecting": silent_connect, "silent_window": silent - silent_connect,
     }
 
 
@@ -187,6 +193,10 @@ def _summary(transport: str, peers: int, window: float,
         "closed_by_node_connecting": {c: closes(c, "closed_by_node_connecting")
                                       for c in detail},
         "closed_at_clients": {c: closes(c, "closed_at_clients") for c in detail},
+        # False silences (past the soft timeout, not closed), per configuration.
+        "silent_window": {c: sum(x["silent_window"] for x in detail[c]) for c in detail},
+        "silent_connecting": {c: sum(x["silent_connecting"] for x in detail[c])
+                              for c in detail},
         "rounds_detail": detail,
     }
 
@@ -224,6 +234,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             out.append((f"keepalive cost, {transport}", "error", x["error"], "-", "-"))
             continue
         closes = sum(sum(c.values()) for c in x["closed_by_node_window"].values())
+        silent = sum(x.get("silent_window", {}).values())
         if x["us_per_peer_s_keepalive"] is None or x["us_per_peer_s_off"] is None:
             out.append((f"keepalive cost, {x['peers']:,} idle {transport} peers",
                         "no round without closes", f"closed while connecting: "
@@ -238,5 +249,5 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "at the defaults",
             f"{x['cpu_pct_per_1000_off']:.2f} % ({x['us_per_peer_s_off']:.1f} us) keepalive off",
             f"+{x['us_per_peer_s_cost']:.1f} us per peer per s",
-            f"no close ({closes} closed)"))
+            f"no close, no silence ({closes} closed, {silent} silent)"))
     return out

@@ -512,9 +512,18 @@ def analyse(plan: Plan, results: list[dict[str, Any]], faults: list[Fault],
     # Node logs: errors and warnings, grouped.
     log_lines: Counter[str] = Counter()
     errors: list[str] = []
+    # Keepalive outcomes (node/silence.py, info lines): a steady peer found silent missed
+    # no delivery (still delivered to) but flickered if it was released.
+    keepalive: Counter[str] = Counter()
     for region in REGIONS:
         path = cluster.dir / "logs" / f"node-{region}.log"
         for line in path.read_text(errors="replace").splitlines():
+            if "peer silent " in line:
+                keepalive["silent"] += 1
+            elif "peer heard again " in line:
+                keepalive["rejoined" if "re-joins" in line else "heard"] += 1
+            elif "code=1011" in line and "closing sid=" in line:
+                keepalive["closed_1011"] += 1
             m = re.search(r"level=(error|warning|critical) logger=(\S+) (.*)", line)
             if m:
                 text = re.sub(r"[0-9a-f]{8}\b|\d+(\.\d+)?", "#", m.group(3))[:90]
@@ -567,6 +576,7 @@ def analyse(plan: Plan, results: list[dict[str, Any]], faults: list[Fault],
                      "stale_states": stale_state, "steady_not_joined_at_end": not_joined,
                      "samples": presence_samples},
         "rss": rss_report,
+        "keepalive": {k: keepalive[k] for k in ("silent", "heard", "rejoined", "closed_1011")},
         "node_log": {"errors": errors[:20], "error_lines": len(errors),
                      "by_message": dict(log_lines.most_common(30))},
         "client_counts": dict(counts),
@@ -613,6 +623,7 @@ def summary(report: dict[str, Any]) -> str:
              f"latency (ms)           {report['latency_ms']}",
              f"faults                 {report['faults']}",
              f"presence at the end    {report['presence']}",
+             f"keepalive              {report.get('keepalive')}",
              "node RSS (KiB)"]
     for row in report["rss"]:
         lines.append(f"  {row['region']:9} pid {row['pid']:>7}: first {row['first_kib']} "
