@@ -8,6 +8,12 @@ one clock). Reported per attack: the probe's p50/p99 quiet and under attack, the
 (goal <= 2x for attacks within the default limits), the node's CPU seconds per phase, and
 for attacks the node refuses, how long until the attacker was closed (goal <= 2 s).
 
+The control (``decoy``): each attack within the limits is also aimed at a second node
+process (the decoy) while the probe measures the first: the same attacker and the same
+kind of server work, none of it in the probe's node. On this 2-core machine the load
+generator itself competes for the cores; if the probe's p99 rises as much under the decoy
+attack, what shows is the machine's CPU, not work the attacked node could have saved.
+
 Attacks (tests/test_hostile*.py check each one's answer; this measures what it costs others):
 
 - ``payload_1000``: 150 peer_state/s, each a payload of 1,000 nils (within the 1024-object
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import socket
 import statistics
 import time
@@ -229,7 +236,11 @@ ATTACKS = {"payload_1000": payload_1000, "http_junk": http_junk, "half_open": ha
 # -- the run ----------------------------------------------------------------------------------
 
 
-def _phase(server: Server, duration: float, attack: str | None) -> dict[str, Any]:
+def _phase(server: Server, duration: float, attack: str | None,
+           target: Server | None = None) -> dict[str, Any]:
+    """One phase: the probe on ``server``; ``attack`` (if any) aimed at ``target`` (default
+    the same node; the decoy for the control)."""
+    target = target or server
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     probe = ctx.Process(target=_probe_main, args=(server.port, duration, out))
@@ -238,8 +249,8 @@ def _phase(server: Server, duration: float, attack: str | None) -> dict[str, Any
     details: dict[str, Any] = {}
     if attack is not None:
         time.sleep(0.3)  # the probe's peers are joined
-        watch = _CloseWatch(server)
-        details = asyncio.run(ATTACKS[attack](server.port, duration))
+        watch = _CloseWatch(target)
+        details = asyncio.run(ATTACKS[attack](target.port, duration))
         closed_at = watch.stop()
         started = details.pop("started_at", None)
         if started is not None:
@@ -283,16 +294,21 @@ class _CloseWatch:
 
 
 def run(log_dir: Path, *, duration: float = 5.0, rounds: int = 2,
-        attacks: tuple[str, ...] = WITHIN_LIMITS + REFUSED) -> dict[str, Any]:
+        attacks: tuple[str, ...] = WITHIN_LIMITS + REFUSED, decoy: bool = True,
+        ) -> dict[str, Any]:
     env = {"RATE_LIMIT": "200", "MAX_PEERS_PER_CHANNEL": "1000", "MAX_CONNECTIONS": "10000"}
     server = start_node(log_dir, tls=True, env=env, name="prscd-hostile")
-    out: dict[str, Any] = {"duration_s": duration, "rounds": rounds, "attacks": {}}
+    other = start_node(log_dir, tls=True, env=env, name="prscd-decoy") if decoy else None
+    out: dict[str, Any] = {"duration_s": duration, "rounds": rounds, "attacks": {},
+                           "load_before": os.getloadavg()}
     try:
         for attack in attacks:
-            quiet, loud = [], []
+            quiet, loud, control = [], [], []
             for _ in range(rounds):  # alternating, in the same run
                 quiet.append(_phase(server, duration, None))
                 loud.append(_phase(server, duration, attack))
+                if other is not None and attack in WITHIN_LIMITS:
+                    control.append(_phase(server, duration, attack, target=other))
             q99 = statistics.median(r["p99_ms"] for r in quiet)
             a99 = statistics.median(r["p99_ms"] for r in loud)
             entry: dict[str, Any] = {
@@ -311,10 +327,20 @@ def run(log_dir: Path, *, duration: float = 5.0, rounds: int = 2,
             else:
                 entry["p99_within_2x"] = entry["p99_ratio"] is not None and \
                     entry["p99_ratio"] <= 2.0
+            if control:
+                d99 = statistics.median(r["p99_ms"] for r in control)
+                entry["decoy_p50_ms"] = statistics.median(r["p50_ms"] for r in control)
+                entry["decoy_p99_ms"] = d99
+                entry["decoy_p99_ratio"] = d99 / q99 if q99 else None
+                entry["decoy_node_cpu_s"] = statistics.median(r["node_cpu_s"] for r in control)
+                entry["phases"]["decoy"] = control
             out["attacks"][attack] = entry
         out["dropped"] = json.loads(server.http("/health"))["dropped"]
+        out["load_after"] = os.getloadavg()
     finally:
         server.stop()
+        if other is not None:
+            other.stop()
     return out
 
 
@@ -331,6 +357,9 @@ def markdown_rows(h: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             closes = ", ".join("-" if c is None else f"{c:.2f}" for c in a["closed_after_s"])
             target = (f"closed within 2 s ({'met' if a['closed_within_2s'] else 'MISSED'}: "
                       f"{closes} s)")
+        if a.get("decoy_p99_ratio") is not None:
+            target += (f"; the same attack on another node process: "
+                       f"{a['decoy_p99_ratio']:.2f}x p99")
         rows.append((f"hostile `{name}`: another peer's p50 / p99 (node CPU "
                      f"{a['attack_node_cpu_s']:.2f} s vs {a['quiet_node_cpu_s']:.2f} s quiet)",
                      node, base, ratio, target))
