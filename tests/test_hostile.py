@@ -278,26 +278,32 @@ async def test_a_trickled_huge_headers_frame_is_refused_on_its_header(
     a = await joined(node, "room", "a")
     b = await joined(node, "room", "b")
     async with wt_connect(node.port) as attacker:
-        quic = attacker._quic
-        stream = quic.get_next_available_stream_id()
         declared = 4 * 1024 * 1024
-        quic.send_stream_data(stream, b"\x01" + (0x80000000 | declared).to_bytes(4, "big"))
-        attacker.transmit()
-        started = time.monotonic()
-        for _ in range(200):
-            if attacker.terminated is not None:
-                break
-            quic.send_stream_data(stream, bytes(1000))
-            attacker.transmit()
-            await asyncio.sleep(0.005)
-        await attacker.until(lambda: attacker.terminated is not None, 5, "the server's close")
-        assert time.monotonic() - started < 3.0
+        await _trickle(attacker, attacker._quic.get_next_available_stream_id(),
+                       b"\x01" + (0x80000000 | declared).to_bytes(4, "big"))
         assert attacker.terminated.error_code == 0x107  # H3_EXCESSIVE_LOAD
         assert "declares 4194304 bytes" in attacker.terminated.reason_phrase
     assert node.node.presence.dropped["headers_too_large"] == 1
     await barrier(a, b, "room")
     async with wt_connect(node.port, "/v1?publickey=k&id=ok") as fine:  # real requests pass
         assert fine.status == 200
+
+
+async def _trickle(attacker: Any, stream_id: int, first: bytes) -> None:
+    """``first`` (a header declaring a huge length), then zeros a packet at a time until the
+    server closes the connection, which must be within 3 s."""
+    quic = attacker._quic
+    quic.send_stream_data(stream_id, first)
+    attacker.transmit()
+    started = time.monotonic()
+    for _ in range(200):
+        if attacker.terminated is not None:
+            break
+        quic.send_stream_data(stream_id, bytes(1000))
+        attacker.transmit()
+        await asyncio.sleep(0.005)
+    await attacker.until(lambda: attacker.terminated is not None, 5, "the server's close")
+    assert time.monotonic() - started < 3.0
 
 
 @pytest.mark.parametrize(("stream", "first", "code", "why"), [
@@ -315,20 +321,8 @@ async def test_huge_frames_on_the_control_and_qpack_streams_are_refused_on_their
     a = await joined(node, "room", "a")
     b = await joined(node, "room", "b")
     async with wt_connect(node.port) as attacker:
-        quic = attacker._quic
-        stream_id = (attacker.h3._local_control_stream_id if stream == "control"
-                     else attacker.h3._local_encoder_stream_id)
-        quic.send_stream_data(stream_id, first)
-        attacker.transmit()
-        started = time.monotonic()
-        for _ in range(200):
-            if attacker.terminated is not None:
-                break
-            quic.send_stream_data(stream_id, bytes(1000))
-            attacker.transmit()
-            await asyncio.sleep(0.005)
-        await attacker.until(lambda: attacker.terminated is not None, 5, "the server's close")
-        assert time.monotonic() - started < 3.0
+        await _trickle(attacker, attacker.h3._local_control_stream_id if stream == "control"
+                       else attacker.h3._local_encoder_stream_id, first)
         assert attacker.terminated.error_code == code
         assert why in attacker.terminated.reason_phrase, attacker.terminated.reason_phrase
     assert node.node.presence.dropped["h3_stream_too_large"] == 1

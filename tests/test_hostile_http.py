@@ -316,10 +316,8 @@ async def test_at_the_open_files_limit_the_node_refuses_in_time_and_keeps_servin
             assert (await recv(ws))["op"] == "channel_join"
         for _ in range(300):  # more than the limit allows open at once
             junk.append(socket.create_connection(("127.0.0.1", srv.port)))
-        for i in range(5):  # peers connected before are served meanwhile
-            await a.send(data_frame("room", "m", str(i)))
-            while (await recv(b, 5))["t"] != "data":
-                pass
+        for _ in range(5):  # peers connected before are served meanwhile
+            await _still_talking(a, b)
         started = time.monotonic()
         health = await asyncio.to_thread(_health_within, srv.port, 5.0)
         assert time.monotonic() - started < 3.0
@@ -327,11 +325,7 @@ async def test_at_the_open_files_limit_the_node_refuses_in_time_and_keeps_servin
         await a.close()
         await b.close()
     finally:
-        for sock in junk:
-            sock.close()
-        srv.stop()
-    log_text = srv.log_path.read_text()
-    assert "Traceback" not in log_text and "exc=" not in log_text, log_text[-3000:]
+        log_text = _stopped_quietly(srv, junk)
     assert log_text.count("open files limit 160 (hard 160): MAX_CONNECTIONS lowered to") == 1
 
 
@@ -447,14 +441,25 @@ async def test_half_open_connections_on_uvloop_with_tls(tmp_path: Path) -> None:
         for sock in (*silent, tls):
             sock.close()
         await asyncio.to_thread(counted, 0)
-        await a.send(data_frame("room", "m", '"x"'))
-        while (await recv(b, 5))["t"] != "data":
-            pass
+        await _still_talking(a, b)
         await a.close()
         await b.close()
     finally:
-        for sock in silent:
-            sock.close()
-        srv.stop()
-    log_text = srv.log_path.read_text()
+        _stopped_quietly(srv, silent)
+
+
+async def _still_talking(a: Any, b: Any) -> None:
+    """``a``'s message reaches ``b`` (joined to "room" before)."""
+    await a.send(data_frame("room", "m", '"x"'))
+    while (await recv(b, 5))["t"] != "data":
+        pass
+
+
+def _stopped_quietly(srv: Any, socks: list[socket.socket]) -> str:
+    """Close the clients' sockets, stop the node; its log holds no traceback."""
+    for sock in socks:
+        sock.close()
+    srv.stop()
+    log_text: str = srv.log_path.read_text()
     assert "Traceback" not in log_text and "exc=" not in log_text, log_text[-3000:]
+    return log_text

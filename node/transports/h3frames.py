@@ -30,6 +30,25 @@ def _varint(buf: bytes | bytearray, at: int) -> tuple[int, int] | None:
     return value, at + size
 
 
+def _next_frame(data: bytes, at: int, left: int,
+                head: bytes) -> tuple[int, int, bytes, tuple[int, int] | None]:
+    """Skip ``left`` payload bytes, then read the next frame header (a partial one is
+    ``head``): (offset, payload left, partial header, (type, declared length) or None when
+    the data ran out first)."""
+    if left:
+        step = min(left, len(data) - at)
+        left -= step
+        at += step
+        if left or at >= len(data):
+            return at, left, head, None
+    chunk = head + data[at:at + 16]
+    kind = _varint(chunk, 0)
+    length = _varint(chunk, kind[1]) if kind is not None else None
+    if kind is None or length is None:
+        return len(data), 0, chunk, None  # (at most 16 bytes kept)
+    return at + length[1] - len(head), 0, b"", (kind[0], length[0])
+
+
 class FrameLengths:
     """Where each request stream's next frame header starts; its declared length checked."""
 
@@ -50,30 +69,21 @@ class FrameLengths:
         assert isinstance(left, int) and isinstance(head, bytes)
         at = 0
         while at < len(data):
-            if left:
-                step = min(left, len(data) - at)
-                left -= step
-                at += step
+            at, left, head, frame = _next_frame(data, at, left, head)
+            if frame is None:
                 continue
-            chunk = head + data[at:at + 16]
-            kind = _varint(chunk, 0)
-            length = _varint(chunk, kind[1]) if kind is not None else None
-            if kind is None or length is None:
-                head, at = chunk, len(data)  # (at most 16 bytes kept)
-                break
-            at += length[1] - len(head)
-            head = b""
-            if kind[0] == _WEBTRANSPORT_STREAM:
+            kind, length = frame
+            if kind == _WEBTRANSPORT_STREAM:
                 if ended:
                     self.streams.pop(stream_id, None)
                 else:
                     self.streams[stream_id] = None
                 return ""
-            if kind[0] != _DATA and length[0] > self.limit:
+            if kind != _DATA and length > self.limit:
                 self.streams.pop(stream_id, None)
-                return (f"HTTP/3 frame of type 0x{kind[0]:x} declares {length[0]} bytes, "
+                return (f"HTTP/3 frame of type 0x{kind:x} declares {length} bytes, "
                         f"more than {self.limit}")
-            left = length[0]
+            left = length
         if ended:
             self.streams.pop(stream_id, None)
         else:
@@ -172,23 +182,14 @@ class UniStreams:
     @staticmethod
     def _control(state: list[object], data: bytes, at: int, skip: int, head: bytes) -> str:
         while at < len(data):
-            if skip:
-                step = min(skip, len(data) - at)
-                skip -= step
-                at += step
+            at, skip, head, frame = _next_frame(data, at, skip, head)
+            if frame is None:
                 continue
-            chunk = head + data[at:at + 16]
-            kind = _varint(chunk, 0)
-            length = _varint(chunk, kind[1]) if kind is not None else None
-            if kind is None or length is None:
-                head, at = chunk, len(data)
-                break
-            at += length[1] - len(head)
-            head = b""
-            if kind[0] in _BUFFERED_CONTROL and length[0] > CONTROL_FRAME_LIMIT:
-                return (f"HTTP/3 control frame of type 0x{kind[0]:x} declares {length[0]} "
+            kind, length = frame
+            if kind in _BUFFERED_CONTROL and length > CONTROL_FRAME_LIMIT:
+                return (f"HTTP/3 control frame of type 0x{kind:x} declares {length} "
                         f"bytes, more than {CONTROL_FRAME_LIMIT}")
-            skip = length[0]
+            skip = length
         state[1], state[2] = skip, head
         return ""
 
