@@ -135,19 +135,6 @@ HOST_CONNECTION_IDS = 2
 PEER_CONNECTION_IDS = 2
 
 
-def _replenish_few_connection_ids(quic: QuicConnection) -> None:
-    """aioquic's ``_replenish_connection_ids`` issuing HOST_CONNECTION_IDS rather than up
-    to 8 (each also an entry of the server's routing table). Set on the instance: a
-    subclass (``__class__`` swapped) made aioquic's packet code 10% slower per packet,
-    its attribute lookups then seeing two types."""
-    limit = quic._remote_active_connection_id_limit
-    quic._remote_active_connection_id_limit = min(limit, HOST_CONNECTION_IDS)
-    try:
-        QuicConnection._replenish_connection_ids(quic)
-    finally:
-        quic._remote_active_connection_id_limit = limit
-
-
 class FrameHandlers:
     """aioquic builds a dict of 33 (bound method, frozenset of epochs) per connection,
     ~12 KiB. This is the same mapping with one table shared by all connections: a
@@ -178,9 +165,6 @@ def _frame_handlers(quic: QuicConnection) -> Any:
 
 def slim_connection(quic: QuicConnection) -> None:
     """Before a server connection handles its first packet (H3Protocol.__init__)."""
-    if "_replenish_connection_ids" not in vars(quic):
-        quic._replenish_connection_ids = MethodType(  # type: ignore[method-assign]
-            _replenish_few_connection_ids, quic)
     if not isinstance(_frame_handlers(quic), FrameHandlers):
         quic._QuicConnection__frame_handlers = FrameHandlers(quic)  # type: ignore[attr-defined]
     quic._local_active_connection_id_limit = PEER_CONNECTION_IDS
@@ -228,11 +212,20 @@ _DISCARDED_SPACE.discarded = True
 
 
 def after_handshake(quic: QuicConnection) -> bool:
-    """Once the handshake is confirmed and the INITIAL and HANDSHAKE spaces discarded
-    (RFC 9001 section 4.9): drop what only the handshake used. Returns whether it did
-    (once per connection; False while the handshake is still going)."""
+    """After each packet until it returns True: the connection ids issued to the peer
+    capped at HOST_CONNECTION_IDS; once the handshake is confirmed and the INITIAL and
+    HANDSHAKE spaces discarded (RFC 9001 section 4.9), what only the handshake used is
+    dropped. Returns whether that was done (once per connection)."""
+    # aioquic issues min(8, the peer's limit) ids once its handshake completes, each also
+    # an entry of the server's routing table. The peer's limit is read from its
+    # ClientHello, a flight before that: lowered here in between, and kept (aioquic
+    # reads it nowhere else). Not with a subclass or an instance attribute: swapping
+    # __class__ made aioquic's packet code ~10% slower per packet (its attribute lookups
+    # seeing two types), and an 86th attribute doubles the connection's dict (+1.7 KB).
+    if quic._remote_active_connection_id_limit > HOST_CONNECTION_IDS:
+        quic._remote_active_connection_id_limit = HOST_CONNECTION_IDS
     spaces = quic._spaces
-    if (not quic._handshake_confirmed or spaces[Epoch.INITIAL] is _DISCARDED_SPACE
+    if (not spaces or not quic._handshake_confirmed or spaces[Epoch.INITIAL] is _DISCARDED_SPACE
             or not all(spaces[epoch].discarded for epoch in (Epoch.INITIAL, Epoch.HANDSHAKE))):
         return False
     free_handshake_buffers(quic)
