@@ -76,6 +76,28 @@ async def test_rejoining_to_buy_credit_is_charged_per_channel(node_factory: Node
     await still_served(node)
 
 
+async def test_a_peer_closed_for_a_flood_is_not_read_any_more(node_factory: NodeFactory) -> None:
+    """After the 1008 the node reads nothing more from the flooder until its abort
+    (websockets resumed reading as the handler took its queued messages: a re-join flood
+    kept the node busy for those 2 s, 1.6 s of CPU)."""
+    node = await node_factory(RATE_LIMIT="10", RATE_BURST="10")
+    flooder = await joined(node, "room", "flooder")
+    (sid,) = [p.sid for p in node.node.presence.peers.values() if p.client_id == "flooder"]
+    server_side = node.node.links[sid].ws  # type: ignore[attr-defined]
+    frame = data_frame("room", "x", '"y"')
+    while not node.node.presence.dropped["rate_flood"]:
+        flooder.transport.write(_client_frame(0x2, frame) * 50)
+        await asyncio.sleep(0.002)
+    flooder.transport.pause_reading()
+    for _ in range(100):  # more frames after the close, as a flooder would
+        flooder.transport.write(_client_frame(0x2, frame) * 50)
+        assert not server_side.transport.is_reading()
+        await asyncio.sleep(0.01)
+    await wait_until(lambda: server_side.transport.is_closing(), 5, "the abort")
+    flooder.transport.abort()
+    await still_served(node)
+
+
 # -- (3) decode after the rate check, bounded -----------------------------------------------
 
 
