@@ -159,11 +159,15 @@ class Settings:
 
     max_message_bytes: int = _S("limits", "MAX_MESSAGE_SIZE", "int", 64 * 1024,
                                 "Largest message in bytes; a bigger one closes with 1009.")
-    ping_interval: float = _S("limits", "PING_INTERVAL", "seconds", 2.0,
+    ping_interval: float = _S("limits", "PING_INTERVAL", "seconds", 1.0,
                               "Seconds between server pings; 0 = off (docs/presence.md).")
-    ping_timeout: float = _S("limits", "PING_TIMEOUT", "seconds", 5.0,
-                             "A peer not answering a ping this long has vanished (close "
-                             "1011; offline after PRESENCE_GRACE).")
+    ping_silent_timeout: float = _S("limits", "PING_SILENT_TIMEOUT", "seconds", 2.0,
+                                    "A peer not answering a ping this long is silent: offline "
+                                    "for the others after PRESENCE_GRACE, still connected; a "
+                                    "late pong or frame brings it back.")
+    ping_timeout: float = _S("limits", "PING_TIMEOUT", "seconds", 30.0,
+                             "A peer not answering a ping this long is closed (1011; offline "
+                             "after PRESENCE_GRACE unless silent already).")
     presence_grace: float = _S("limits", "PRESENCE_GRACE", "seconds", 1.5,
                                "A vanished peer (keepalive or idle timeout, no close) stays a "
                                "member this long; its id joining again meanwhile hides the "
@@ -186,12 +190,15 @@ class Settings:
                                     "not mesh-wide: peers on other nodes (or workers) do not "
                                     "count; the next join gets 4008; 0 = no limit.")
     max_connections: int = _S("limits", "MAX_CONNECTIONS", "int", 10000,
-                              "Connections per node process, more get HTTP 503; 0 = no limit.")
+                              "Connections per node process, half-open ones included: a peer "
+                              "past it gets HTTP 503, a half-open connection closes the "
+                              "oldest half-open one; 0 = no limit.")
     handshake_timeout: float = _S("limits", "HANDSHAKE_TIMEOUT", "positive", 10.0,
                                   "Seconds for TLS, then for the upgrade or WebTransport session.")
     max_handshakes: int = _S("limits", "MAX_HANDSHAKES", "int", 1000,
-                             "Connections in their handshake at once (TLS or request not done, "
-                             "QUIC without a session); more are closed at once; 0 = no limit.")
+                             "Connections in their handshake at once (TCP from its accept until "
+                             "its upgrade, QUIC without a session); past it the oldest is "
+                             "closed; 0 = no limit.")
     http_max_line: int = _S("limits", "HTTP_MAX_LINE", "int", 8192,
                             "Longest HTTP request or header line in bytes (414 / 431).")
     http_max_headers: int = _S("limits", "HTTP_MAX_HEADERS", "int", 64,
@@ -203,9 +210,12 @@ class Settings:
 
     webtransport: bool = _S("WebTransport", "WEBTRANSPORT", "bool", True,
                             "HTTP/3 on UDP PORT, same certificate (needs TLS); false = off.")
-    wt_idle_timeout: float = _S("WebTransport", "WT_IDLE_TIMEOUT", "seconds", 5.0,
+    wt_idle_timeout: float = _S("WebTransport", "WT_IDLE_TIMEOUT", "seconds", 30.0,
                                 "Seconds without a packet from a peer before its session ends.")
-    wt_ping_interval: float = _S("WebTransport", "WT_PING_INTERVAL", "seconds", 2.0,
+    wt_silent_timeout: float = _S("WebTransport", "WT_SILENT_TIMEOUT", "seconds", 2.0,
+                                  "No packet this long after a server PING: the peer is "
+                                  "silent (as PING_SILENT_TIMEOUT).")
+    wt_ping_interval: float = _S("WebTransport", "WT_PING_INTERVAL", "seconds", 1.0,
                                  "Seconds between server QUIC PINGs; 0 = off; keep well under "
                                  "the idle timeout.")
     wt_stop_close: str = _S("WebTransport", "WT_STOP_CLOSE", "choice", "connection",
@@ -531,7 +541,10 @@ refuse the batch (dropped, counted). Queueing never waits: past `WEBHOOK_QUEUE` 
 dropped and counted (`webhook_queue_full`). The URL may carry credentials; it is never
 logged. More: [webhooks.md](webhooks.md).""",
     "limits": """\
-Server pings carry 8 random bytes (a client cannot answer them blindly). The real client
+Server pings carry 8 random bytes (a client cannot answer them blindly). A peer without a pong
+for `PING_SILENT_TIMEOUT` is offline for the others after `PRESENCE_GRACE` but stays
+connected until `PING_TIMEOUT` (a vanished peer: offline within `PING_INTERVAL` +
+`PING_SILENT_TIMEOUT` + `PRESENCE_GRACE`, 4.5 s by default; docs/presence.md). The real client
 answers every `peer_online` with its state, to the whole channel, so N peers joining at once
 cost N^3/2 deliveries; with `DEDUPE_PEER_STATE` an unchanged `peer_state` goes only to the
 members that lack it (about 2N^2), and everyone still lists everyone with the latest state.
@@ -545,11 +558,13 @@ not retry codes >= 4000. A peer over `WRITE_BUFFER_LIMIT` is counted too.
 `HANDSHAKE_TIMEOUT` applies to the TLS handshake, then to the WebSocket upgrade; a QUIC
 connection that opens no WebTransport session in that time is closed.""",
     "WebTransport": """\
-A killed browser sends nothing, so it is noticed after `WT_IDLE_TIMEOUT` plus up to
-`WT_PING_INTERVAL`; with `WT_PING_INTERVAL=0` a live but quiet browser is cut after
-`WT_IDLE_TIMEOUT`. `WT_STOP_CLOSE=connection` closes each QUIC connection (H3_NO_ERROR,
-"node stopping"): `@yomo/presence` in Chromium reports a lost connection and reconnects 10 s
-later, to the next healthy region. `capsule` sends a close capsule (1001) instead: the
+A killed browser sends nothing: a PING goes one `WT_PING_INTERVAL` after its last packet,
+and `WT_SILENT_TIMEOUT` later without an answer it is offline for the others (after
+`PRESENCE_GRACE`), its connection closed only at `WT_IDLE_TIMEOUT` (docs/presence.md); with
+`WT_PING_INTERVAL=0` a live but quiet browser is cut after `WT_IDLE_TIMEOUT`.
+`WT_STOP_CLOSE=connection` closes each QUIC connection (H3_NO_ERROR, "node stopping"):
+`@yomo/presence` in Chromium reports a lost connection and reconnects 10 s later, to the
+next healthy region. `capsule` sends a close capsule (1001) instead: the
 cleanest goodbye for other clients, but the real client then never reconnects (the page must
 be reloaded). More: [webtransport.md](webtransport.md).""",
     "operations": """\

@@ -240,7 +240,9 @@ class NodeMetrics:
                        node.delivered)
         yield _counters("prscd_presence_grace_total", "Vanished peers (keepalive or idle "
                         "timeout) held for PRESENCE_GRACE, by outcome: held, returned (back in "
-                        "time, no offline), released (offline after the grace).", ["outcome"],
+                        "time, no offline), released (offline after the grace); silent (past "
+                        "the soft keepalive timeout, still connected), heard (a silent peer "
+                        "back within the grace), rejoined (back after it).", ["outcome"],
                         {(k,): v for k, v in node.grace_counts.items()})
         dropped = dict(node.presence.dropped)
         yield _counters("prscd_dropped_total", "Dropped or refused, by reason (/health "

@@ -87,8 +87,22 @@ class Peers(Protocol):
         MAX_CONNECTIONS."""
         ...
 
+    def connections(self) -> int:
+        """Peers and connections in their handshake, every transport: what
+        MAX_CONNECTIONS bounds."""
+        ...
+
     def ping_rtt(self, peer: Peer, seconds: float) -> None:
         """A keepalive round trip of ``peer`` (for the RTT histogram)."""
+        ...
+
+    def silent(self, peer: Peer) -> None:
+        """Past the soft keepalive timeout (no pong, no packet) but still connected: the
+        peer goes offline for the others after PRESENCE_GRACE (node/silence.py)."""
+        ...
+
+    def heard(self, peer: Peer) -> None:
+        """A pong or a packet came from a silent peer: it is back (cheap when not silent)."""
         ...
 
 

@@ -47,6 +47,7 @@ from node.presence import (
     Returned,
 )
 from node.protocol import Fault, ProtocolError, Signalling
+from node.silence import Silence
 from node.tls import CertInfo
 
 if TYPE_CHECKING:
@@ -94,7 +95,10 @@ class Node:
         #: same mechanism as the webhooks' hold: node/grace.py).
         self.grace: Grace[tuple[str, str], Peer] = Grace(settings.presence_grace,
                                                          self._grace_over)
-        self.grace_counts = {"held": 0, "returned": 0, "released": 0}
+        self.grace_counts = {"held": 0, "returned": 0, "released": 0,
+                             "silent": 0, "heard": 0, "rejoined": 0}
+        #: Peers past the soft keepalive timeout, connection still open (node/silence.py).
+        self.silence = Silence(self)
         self._sids = itertools.count(1)
         #: Offline events of peers closed from a callback (a backlog, a fault).
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,7 +140,9 @@ class Node:
             return Admission(HTTPStatus.BAD_REQUEST, "publickey is not valid UTF-8")
         if self.draining:
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, "node is draining")
-        if full := self.guard.admit(sum(self.handshakes.values())):
+        # Peers only: half-open connections are bounded at their accept, the oldest closed
+        # for a newcomer (node/transports/handshakes.py), so they never keep a peer out.
+        if full := self.guard.admit():
             self.count_drop("connection_limit")
             return Admission(HTTPStatus.SERVICE_UNAVAILABLE, full)
         try:
@@ -174,6 +180,8 @@ class Node:
         if peer.sid not in self.links:
             self.count_drop("after_close")  # closed already; the connection is closing
             return
+        if peer.silent:  # any frame: it is back (node/silence.py)
+            await self.silence.heard(peer)
         # The cost model (SECURITY.md): the head (t, op, c) is read at a bounded cost, the
         # rate is charged, a frame for a channel not joined is dropped, and only then is
         # the payload decoded (itself bounded by protocol.MAX_PAYLOAD_ITEMS).
@@ -231,8 +239,18 @@ class Node:
     def handshaking(self, transport: str, delta: int) -> None:
         self.handshakes[transport] += delta
 
+    def connections(self) -> int:
+        return len(self.presence.peers) + sum(self.handshakes.values())
+
     def ping_rtt(self, peer: Peer, seconds: float) -> None:
         self.metrics.ping_rtt(peer.transport, seconds)
+
+    def silent(self, peer: Peer) -> None:
+        self._spawn(self.silence.silent(peer))
+
+    def heard(self, peer: Peer) -> None:
+        if peer.silent:
+            self._spawn(self.silence.heard(peer))
 
     # -- the server API (node/api.py) ------------------------------------------
 
@@ -371,6 +389,8 @@ class Node:
         self.guard.closed(peer)
         log.info("peer closed sid=%s id=%s channels=%d %s", peer.sid, peer.client_id,
                  len(peer.channels), why)
+        if peer.silent:  # held already: its grace timers decide (node/silence.py)
+            return self.silence.closed(peer)
         if vanished and self.grace.seconds > 0 and not self.draining:
             return self.presence.hold(peer)
         return self.presence.disconnect(peer)
@@ -379,7 +399,7 @@ class Node:
         self.grace_counts["held"] += 1
         log.info("peer vanished sid=%s id=%s: held in %d channel(s) for %gs (PRESENCE_GRACE)",
                  peer.sid, peer.client_id, len(peer.channels), self.grace.seconds)
-        for name in peer.channels:
+        for name in sorted(peer.channels):  # (a copy: PRESENCE_GRACE=0 releases at once)
             self.grace.hold((peer.sid, name), peer)
 
     def _grace_over(self, key: tuple[str, str], peer: Peer) -> None:
@@ -464,6 +484,8 @@ class Node:
             "bus": {"kind": self.bus.kind, "state": self.bus.state, **self.bus.where()},
             "mesh": self.liveness.summary(),
             "dropped": dict(self.presence.dropped),
+            # Vanished and silent peers by outcome (docs/presence.md).
+            "presence_grace": dict(self.grace_counts),
         }
 
     def stats(self) -> dict[str, Any]:

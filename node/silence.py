@@ -15,23 +15,25 @@ was busy, a pong may be sitting unread in a socket buffer, and the peer is not t
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import weakref
-from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from node.presence import Action, Peer
-    from node.server import Node
+    from node.grace import Grace
+    from node.presence import Action, Peer, Presence
 
 log = logging.getLogger("prscd.silence")
 
 
 class LoopLag:
     """How late this event loop ran lately: a timer every ``period`` notes how late it
-    fired, and each stall (later than ``threshold``) is kept for ``keep`` seconds.
+    fired, and each stall (later than ``threshold``) is kept for about ``keep`` seconds.
     :meth:`since` says how much of the time since a moment the loop was not running our
-    callbacks; a keepalive deadline is extended by that much."""
+    callbacks; a keepalive deadline is extended by that much. O(log n) per question (a
+    starved node may ask it for thousands of peers at once)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, period: float = 0.1,
                  threshold: float = 0.05, keep: float = 120.0) -> None:
@@ -39,8 +41,11 @@ class LoopLag:
         self.period = period
         self.threshold = threshold
         self.keep = keep
-        #: (when the stall was noticed, how many seconds late), oldest first.
-        self.stalls: deque[tuple[float, float]] = deque()
+        #: When each stall was noticed, and the seconds of all stalls up to it (kept ones).
+        self._at: list[float] = []
+        self._sum: list[float] = []
+        self.total = 0.0
+        self._dropped = 0.0  # the sum up to the first kept stall
         self._due = loop.time() + period
         self._timer = loop.call_at(self._due, self._tick)
 
@@ -48,22 +53,26 @@ class LoopLag:
         now = self.loop.time()
         late = now - self._due
         if late > self.threshold:
-            self.stalls.append((now, late))
-        while self.stalls and self.stalls[0][0] < now - self.keep:
-            self.stalls.popleft()
+            self.total += late
+            self._at.append(now)
+            self._sum.append(self.total)
+            old = bisect.bisect_left(self._at, now - self.keep)
+            if old > 64:  # trimmed in batches
+                self._dropped = self._sum[old - 1]
+                del self._at[:old], self._sum[:old]
         self._due = now + self.period
         self._timer = self.loop.call_at(self._due, self._tick)
 
     def since(self, when: float) -> float:
         """Seconds the loop stalled after ``when`` (noticed by now)."""
         self.catch_up()
-        return sum(late for at, late in self.stalls if at > when)
+        i = bisect.bisect_right(self._at, when)
+        return self.total - (self._sum[i - 1] if i else self._dropped)
 
     def catch_up(self) -> None:
         """Note a stall still under way when asked before the timer ran (another timer
         due at the same time may run first)."""
-        now = self.loop.time()
-        if now - self._due > self.threshold:
+        if self.loop.time() - self._due > self.threshold:
             self._timer.cancel()
             self._tick()
 
@@ -93,11 +102,23 @@ def after_reads(callback: object, *args: object) -> None:
     loop.call_soon(loop.call_soon, callback, *args)
 
 
+class _Node(Protocol):
+    """What :class:`Silence` uses of node/server.py's Node (which owns it)."""
+
+    presence: Presence
+    links: Mapping[str, Any]
+    draining: bool
+    grace: Grace[tuple[str, str], Peer]
+    grace_counts: dict[str, int]
+
+    async def _execute(self, actions: list[Action]) -> int: ...
+
+
 class Silence:
     """The node's side: a transport reports a peer silent or heard again; the rules decide
     who sees what (node/presence.py), and the node's grace timers do the rest."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: _Node) -> None:
         self.node = node
 
     async def silent(self, peer: Peer) -> None:

@@ -1,9 +1,12 @@
 """The WebSocket keepalive (node/transports/websocket.py) on its own: one timer for all
-peers, a timestamp ping every interval, a missing pong reported as a ping-timeout fault."""
+peers, a random ping every interval, a missing pong reported silent (soft timeout) and then
+as a ping-timeout fault (hard timeout), a late pong taken back, the node's own stalls not
+counted against its peers."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -44,6 +47,14 @@ class FakePeers:
     def __init__(self) -> None:
         self.faults: list[tuple[str, Fault, str]] = []
         self.rtts: list[float] = []
+        #: ("silent" | "heard", client id), in order.
+        self.reports: list[tuple[str, str]] = []
+
+    def silent(self, peer: Peer) -> None:
+        self.reports.append(("silent", peer.client_id))
+
+    def heard(self, peer: Peer) -> None:
+        self.reports.append(("heard", peer.client_id))
 
     def ping_rtt(self, peer: Peer, seconds: float) -> None:
         self.rtts.append(seconds)
@@ -75,9 +86,11 @@ async def test_live_peers_are_pinged_every_interval_and_get_their_rtt() -> None:
     assert {len(p) for p in ws.pings} == {8} and len(set(ws.pings)) == len(ws.pings)
 
 
-async def test_a_silent_peer_is_reported_once_after_the_timeout() -> None:
+@pytest.mark.parametrize("silent_after", [0.0, 0.1])
+async def test_a_silent_peer_is_reported_once_after_the_timeout(silent_after: float) -> None:
+    """Closed once at the (hard) timeout; with a soft one, reported silent once before."""
     peers: Any = FakePeers()
-    keepalive = Keepalive(peers, interval=0.05, timeout=0.2)
+    keepalive = Keepalive(peers, interval=0.05, timeout=0.2, silent_after=silent_after)
     silent, ws = link("silent", answers=False)
     live, live_ws = link("live", answers=True)
     keepalive.add(silent)
@@ -94,6 +107,7 @@ async def test_a_silent_peer_is_reported_once_after_the_timeout() -> None:
     finally:
         keepalive.stop()
     assert peers.faults == [("silent", Fault.PING_TIMEOUT, "ping timeout: no pong within 0.2s")]
+    assert peers.reports == ([("silent", "silent")] if silent_after else [])
     assert 0.2 <= elapsed < 2.0
     assert len(ws.pings) == 1  # no new ping while a pong is awaited
 
@@ -116,3 +130,109 @@ async def test_a_forgotten_link_is_never_pinged_and_interval_zero_is_off() -> No
     quiet, _ = link("quiet", answers=False)
     off.add(quiet)
     assert quiet.keepalive_entry is None and off._timer is None
+
+
+async def test_past_the_soft_timeout_silent_not_closed_and_a_late_pong_brings_it_back() -> None:
+    peers: Any = FakePeers()
+    keepalive = Keepalive(peers, interval=0.05, timeout=5.0, silent_after=0.2)
+    late, ws = link("late", answers=False)
+    keepalive.add(late)
+    try:
+        await wait_until(lambda: peers.reports, 5, "silent")
+        assert peers.reports == [("silent", "late")] and peers.faults == []
+        assert len(ws.pings) == 1  # the same ping stays awaited
+        (pong, _), = ws.pending_pings.values()
+        pong.set_result(0.4)  # its pong, read at last
+        await wait_until(lambda: len(peers.reports) == 2, 5, "heard")
+        assert peers.reports[1] == ("heard", "late") and peers.rtts == [0.4]
+        await wait_until(lambda: len(ws.pings) >= 2, 5, "pinged again")  # the usual cycle
+    finally:
+        keepalive.stop()
+    assert peers.faults == []
+
+
+def test_a_stalled_loop_makes_no_live_peer_silent_on_uvloop() -> None:
+    """The node's loop blocked for 0.6 s in a socket callback right after pinging (soft
+    timeout 0.2 s); the pongs reach the socket 0.1 s after each ping, during the stall. uvloop then runs the due
+    keepalive timer before it reads that socket: neither the stall nor the unread pong may
+    count against the peers."""
+    import socket
+    import threading
+
+    import uvloop
+
+    async def main() -> tuple[list[tuple[str, str]], int]:
+        loop = asyncio.get_running_loop()
+        peers: Any = FakePeers()
+        keepalive = Keepalive(peers, interval=0.3, timeout=5.0, silent_after=0.2)
+        ours, theirs = socket.socketpair()  # the peers' pongs
+        busy, poke = socket.socketpair()  # a frame whose handling blocks the loop
+        for sock in (ours, busy):
+            sock.setblocking(False)
+        links = [link(f"p{i}", answers=False) for i in range(20)]
+        answers: list[threading.Timer] = []
+
+        def answer(data: bytes) -> None:  # the client answers 0.1 s after each ping
+            answers.append(threading.Timer(0.1, theirs.send, [b"pong"]))
+            answers[-1].start()
+
+        for _, ws in links:
+            ws.protocol.send_ping = answer
+        stalls = 0
+
+        def read_pongs() -> None:  # what the library does when the pongs' bytes are read
+            ours.recv(65536)
+            for _, ws in links:
+                for pong, _ in ws.pending_pings.values():
+                    pong.set_result(0.001)
+                ws.pending_pings.clear()
+
+        def stall() -> None:
+            nonlocal stalls
+            busy.recv(100)
+            time.sleep(0.6)  # the pongs arrive meanwhile
+            stalls += 1
+
+        loop.add_reader(ours.fileno(), read_pongs)
+        loop.add_reader(busy.fileno(), stall)
+        for one, _ in links:
+            keepalive.add(one)
+        try:
+            for round_ in range(3):
+                await wait_until(lambda: all(ws.pending_pings for _, ws in links), 5, "pings")
+                poke.send(b"x")
+                await wait_until(lambda r=round_: stalls > r, 5, "the stall")
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+        finally:
+            keepalive.stop()
+            for timer in answers:
+                timer.cancel()
+                timer.join()
+            for sock in (ours, busy):
+                loop.remove_reader(sock.fileno())
+            for sock in (ours, theirs, busy, poke):
+                sock.close()
+        return peers.reports + [("fault", f[0]) for f in peers.faults], stalls
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        reports, stalls = runner.run(main())
+    assert stalls == 3 and reports == []
+
+
+async def test_loop_lag_counts_the_stalls_after_a_moment_only() -> None:
+    from node.silence import LoopLag
+
+    loop = asyncio.get_running_loop()
+    lag = LoopLag(loop, period=0.02, threshold=0.05)
+    try:
+        await asyncio.sleep(0.1)  # a quiet loop: timers on time
+        before = loop.time()
+        assert lag.since(before - 1) < 0.05
+        time.sleep(0.3)  # a stall, asked about before the timer noticed it
+        assert lag.since(before) >= 0.25
+        after = loop.time()
+        await asyncio.sleep(0.1)
+        assert lag.since(after) < 0.05 and lag.since(before) >= 0.25
+    finally:
+        lag.stop()

@@ -24,11 +24,13 @@ calls (one per peer per message, the way ``websockets.broadcast`` does it). So:
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
 import math
 import os
+import ssl
 import struct
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -45,7 +47,8 @@ from node import __version__, endpoints
 from node.config import Settings
 from node.ports import Admission, Peers, Status
 from node.protocol import Fault, split_target
-from node.transports.handshakes import AcceptErrors, Handshakes
+from node.silence import LoopLag, after_reads, loop_lag
+from node.transports.handshakes import AcceptErrors, Handshakes, tls_protocol
 
 if TYPE_CHECKING:
     from node.presence import Peer
@@ -86,16 +89,53 @@ class PeerConnection(ServerConnection):
     prscd_head: bytearray | None = None
     #: Set on the listener's subclass: its connections in their handshake.
     prscd_handshakes: Handshakes | None = None
+    #: Set on the listener's subclass when the node makes TLS: the loop's own TLS protocol
+    #: is put under this one here, at the accept, so that a connection is counted from then
+    #: and every end of its TLS handshake is seen (a server made with ``ssl=`` tells its
+    #: protocol nothing of a failed one: it was counted only after TLS, issue 15).
+    prscd_tls: ssl.SSLContext | None = None
+    prscd_tls_timeout = 10.0
+    prscd_accepted = False
+    prscd_made = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # After TLS: asyncio never tells the protocol of a TLS handshake that failed (its
-        # end is seen only by the garbage collector), so a connection is counted from here.
+        if not self.prscd_accepted:
+            self.prscd_accepted = True
+            self._accepted(transport)
+            if self.prscd_tls is not None:
+                return  # the TLS layer calls again once its handshake is done
+        self.prscd_made = True
         super().connection_made(transport)
         self.prscd_head = bytearray()
+
+    def _accepted(self, raw: Any) -> None:
+        """The TCP accept: counted (over a bound the oldest half-open connection of the node
+        is closed) and TLS begun, with the handshake deadline."""
         handshakes = self.prscd_handshakes
         if handshakes is not None:
             handshakes.began(self)
-            handshakes.closable(self, self.transport.abort)  # (over MAX_HANDSHAKES: the oldest)
+            handshakes.closable(self, raw.abort)
+        if self.prscd_tls is None:
+            return
+        waiter = self.loop.create_future()
+        waiter.add_done_callback(self._tls_over)
+        layer = tls_protocol(self.loop)(self.loop, self, self.prscd_tls, waiter,
+                                        server_side=True,
+                                        ssl_handshake_timeout=self.prscd_tls_timeout,
+                                        # (what serve(ssl=...) passed: its close timeout)
+                                        ssl_shutdown_timeout=self.close_timeout or 10.0)
+        # Before the loop starts reading (it does after this returns): the ClientHello
+        # goes to the TLS layer, as with create_server(ssl=...).
+        raw.set_protocol(layer)
+        layer.connection_made(raw)
+
+    def _tls_over(self, waiter: asyncio.Future[None]) -> None:
+        # Done, failed, timed out, or closed: only success made this a connection (its
+        # connection_made comes first). (An abort ends it with no exception at all.)
+        if not waiter.cancelled():
+            waiter.exception()  # (retrieved: no "never retrieved" log line)
+        if not self.prscd_made and self.prscd_handshakes is not None:
+            self.prscd_handshakes.ended(self)
 
     def data_received(self, data: bytes) -> None:
         """Strict HTTP/1.1 before the library sees a byte (it served any method like GET,
@@ -161,6 +201,8 @@ class PeerConnection(ServerConnection):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.prscd_handshakes is not None:
             self.prscd_handshakes.ended(self)
+        if not self.prscd_made:  # (the TLS layer reports to us only once it is done)
+            return
         link = self.prscd_link
         if link is not None:
             link.closing = True
@@ -234,7 +276,7 @@ class WebSocketLink:
     """What the node uses to send to one WebSocket peer: never blocks, never waits."""
 
     __slots__ = ("abort_handle", "closing", "gone", "keepalive_entry", "peer", "pending",
-                 "ping_sent", "pinged_at", "pong", "writer", "ws")
+                 "ping_sent", "pinged_at", "pong", "silent", "writer", "ws")
     transport = "websocket"
 
     def __init__(self, ws: ServerConnection, writer: Writer) -> None:
@@ -250,6 +292,8 @@ class WebSocketLink:
         self.ping_sent: float | None = None
         #: The library's future for that pong (done once it came; read on the next tick).
         self.pong: asyncio.Future[float] | None = None
+        #: Past the soft keepalive deadline: reported silent, not closed (node/silence.py).
+        self.silent = False
         self.abort_handle: asyncio.TimerHandle | None = None
         #: This link's entry in the keepalive heap (cleared when the connection ends).
         self.keepalive_entry: list[Any] | None = None
@@ -343,25 +387,36 @@ class CompressedLink(WebSocketLink):
 
 
 class Keepalive:
-    """One timer for all peers: a ping every ``interval``; a pong later than ``timeout``
-    closes 1011. The ping carries 8 random bytes: a client that never reads cannot answer
-    a payload it can guess (a millisecond timestamp could be) and stay connected. (A task
-    per connection cost memory, and awaiting ``ws.ping()`` hung on a peer whose write
-    buffer never drained.)"""
+    """One timer for all peers: a ping every ``interval``. No pong within ``silent_after``
+    makes the peer *silent* (offline for the others after PRESENCE_GRACE, still connected,
+    node/silence.py); none within ``timeout`` closes it 1011; a late pong brings a silent
+    peer back. Neither deadline counts time the node's own loop was stalled, and none is
+    decided before the loop has read its sockets once more (a pong may be waiting there).
 
-    def __init__(self, peers: Peers, interval: float, timeout: float) -> None:
+    The ping carries 8 random bytes: a client that never reads cannot answer a payload it
+    can guess (a millisecond timestamp could be) and stay connected. (A task per connection
+    cost memory, and awaiting ``ws.ping()`` hung on a peer whose write buffer never
+    drained.)"""
+
+    def __init__(self, peers: Peers, interval: float, timeout: float,
+                 silent_after: float = 0.0) -> None:
         self.peers = peers
         self.interval = interval
         self.timeout = timeout
+        #: 0: no soft phase (also when it is not shorter than ``timeout``).
+        self.silent_after = silent_after if 0 < silent_after < timeout else 0.0
         #: [when, seq, link]; link is None once forgotten (a closed connection is not
-        #: kept alive until its next due time).
+        #: kept alive until its next due time) or moved.
         self._heap: list[list[Any]] = []
         self._seq = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
+        self._lag: LoopLag | None = None
 
     def add(self, link: WebSocketLink) -> None:
         if self.interval:
+            if self._lag is None:
+                self._lag = loop_lag()
             link.pinged_at = asyncio.get_running_loop().time()
             self._push(link.pinged_at + self.interval, link)
 
@@ -383,6 +438,9 @@ class Keepalive:
         self._heap.clear()
 
     def _push(self, when: float, link: WebSocketLink) -> None:
+        old = link.keepalive_entry
+        if old is not None:
+            old[2] = None
         entry = link.keepalive_entry = [when, next(self._seq), link]
         heapq.heappush(self._heap, entry)
         if when < self._timer_at:
@@ -394,28 +452,38 @@ class Keepalive:
         self._timer_at = when
         self._timer = asyncio.get_running_loop().call_at(when, self._tick)
 
+    def _deadline(self, link: WebSocketLink, sent: float) -> float:
+        """When the awaited pong is overdue: silent first (if there is a soft phase)."""
+        if self.silent_after and not link.silent:
+            return sent + self.silent_after
+        return sent + self.timeout
+
     def _tick(self) -> None:
         self._timer, self._timer_at = None, math.inf
         now = asyncio.get_running_loop().time()
         heap = self._heap
         later: list[tuple[float, WebSocketLink]] = []
+        overdue: list[WebSocketLink] = []
         while heap and heap[0][0] <= now:
-            link = heapq.heappop(heap)[2]
+            entry = heapq.heappop(heap)
+            link = entry[2]
             if link is None or link.gone or link.closing:
                 continue
+            link.keepalive_entry = None
             sent = link.ping_sent
             pong = link.pong
             if pong is not None and pong.done():
                 self._answered(link, pong)
                 sent = None
             if sent is not None:  # a pong is awaited
-                if now - sent >= self.timeout:
-                    self._timed_out(link)
+                due = self._deadline(link, sent)
+                if now >= due:
+                    overdue.append(link)  # decided after the next read (_confirm)
                 else:
-                    later.append((sent + self.timeout, link))
+                    later.append((due, link))
             elif now - link.pinged_at >= self.interval:
                 self._ping(link, now)
-                later.append((now + min(self.interval, self.timeout), link))
+                later.append((min(now + self.interval, self._deadline(link, now)), link))
             else:
                 later.append((link.pinged_at + self.interval, link))
         for when, link in later:
@@ -423,6 +491,42 @@ class Keepalive:
             heapq.heappush(heap, entry)
         if heap:
             self._arm(heap[0][0])
+        if overdue:
+            after_reads(self._confirm, overdue)
+
+    def _confirm(self, overdue: list[WebSocketLink]) -> None:
+        """Deadlines passed at the last tick, seen again after the loop read its sockets,
+        with the time the loop stalled since each ping added."""
+        now = asyncio.get_running_loop().time()
+        assert self._lag is not None  # set by add()
+        for link in overdue:
+            if link.gone or link.closing or link.keepalive_entry is not None:
+                continue
+            pong, sent = link.pong, link.ping_sent
+            if pong is not None and pong.done():
+                self._answered(link, pong)
+                sent = None
+            if sent is None:
+                self._push(max(now, link.pinged_at + self.interval), link)
+                continue
+            due = self._deadline(link, sent) + self._lag.since(sent)
+            if now < due:
+                self._push(due, link)
+            elif self.silent_after and not link.silent:
+                link.silent = True
+                if pong is not None:  # back the moment its pong is read
+                    pong.add_done_callback(functools.partial(self._late, link))
+                self._push(self._deadline(link, sent), link)
+                if link.peer is not None:
+                    self.peers.silent(link.peer)
+            else:
+                self._timed_out(link)
+
+    def _late(self, link: WebSocketLink, pong: asyncio.Future[float]) -> None:
+        if link.pong is pong and not link.gone and not link.closing:
+            self._answered(link, pong)
+            self._push(max(asyncio.get_running_loop().time(),
+                           link.pinged_at + self.interval), link)
 
     def _ping(self, link: WebSocketLink, now: float) -> None:
         ws = link.ws
@@ -442,6 +546,10 @@ class Keepalive:
 
     def _answered(self, link: WebSocketLink, pong: asyncio.Future[float]) -> None:
         link.pong = link.ping_sent = None
+        if link.silent:
+            link.silent = False
+            if link.peer is not None:
+                self.peers.heard(link.peer)
         if pong.cancelled() or pong.exception() is not None:
             return
         latency = pong.result()
@@ -475,9 +583,10 @@ class WebSocketListener:
         self.server: Server | None = None
         self.writer = Writer(peers)
         self.writer.abort_over = 2 * settings.write_buffer_limit
-        self.keepalive = Keepalive(peers, settings.ping_interval, settings.ping_timeout)
+        self.keepalive = Keepalive(peers, settings.ping_interval, settings.ping_timeout,
+                                   settings.ping_silent_timeout)
         self.handshakes = Handshakes(peers, "websocket", settings.max_handshakes,
-                                     settings.handshake_timeout)
+                                     settings.handshake_timeout, settings.max_connections)
         self.accept_errors = AcceptErrors(peers, self.handshakes)
 
     def _headers(self) -> dict[str, str]:
@@ -527,7 +636,7 @@ class WebSocketListener:
             self._handler,
             settings.host or None,
             settings.port,
-            ssl=ssl,
+            ssl=None,  # TLS is made by each connection, from its accept (PeerConnection)
             process_request=self._process_request,
             process_response=self._process_response,
             compression="deflate" if settings.ws_compression else None,
@@ -537,11 +646,15 @@ class WebSocketListener:
             # connection is dropped).
             open_timeout=settings.handshake_timeout,
             server_header=f"prscd/{__version__}",
+            # Given once: else each connection looks its logger up by name (a lock).
+            logger=logging.getLogger("websockets.server"),
             reuse_port=True,
             # (A subclass per listener: several nodes may share a process.)
             create_connection=type("PeerConnection", (PeerConnection,),
                                    {"prscd_peers": self.peers,
-                                    "prscd_handshakes": self.handshakes}),
+                                    "prscd_handshakes": self.handshakes,
+                                    "prscd_tls": ssl or None,
+                                    "prscd_tls_timeout": settings.handshake_timeout}),
         )
         self.accept_errors.install(self.server.sockets)
         return [s.getsockname()[:2] for s in self.server.sockets]
@@ -558,6 +671,8 @@ class WebSocketListener:
         server = self.server
         if server is None:
             return
+        # Connections before their upgrade are not the library's yet (TLS is ours).
+        self.handshakes.shed(len(self.handshakes))
         server.close(close_connections=True)
         try:
             await asyncio.wait_for(asyncio.shield(server.wait_closed()), STOP_GRACE)
@@ -567,7 +682,6 @@ class WebSocketListener:
                         "or not answering the close)", len(stuck), STOP_GRACE)
             for ws in stuck:
                 ws.transport.abort()
-            self.handshakes.shed(len(self.handshakes))  # (else waited for until their timeout)
             await server.wait_closed()
 
     async def _handler(self, ws: ServerConnection) -> None:
@@ -580,8 +694,15 @@ class WebSocketListener:
         self.keepalive.add(link)
         try:
             async for message in ws:
-                if link.closing:
-                    continue  # closed by the node: already offline, the close is under way
+                if link.closing:  # closed by the node: already offline, the close under way
+                    sent = ws.protocol.close_sent
+                    if sent is not None and sent.code == Fault.RATE_FLOOD.code:
+                        # Closed for a flood: take no more, or websockets resumes reading
+                        # as its queue drains, undoing WebSocketLink.close's pause (a
+                        # re-join flood kept the node busy until its abort: 1.6 s of CPU).
+                        await ws.wait_closed()
+                        break
+                    continue
                 if isinstance(message, str):
                     peers.fault(peer, Fault.TEXT_FRAME, "binary frames only")
                 else:

@@ -53,9 +53,18 @@ from node import __version__, endpoints
 from node.config import Settings
 from node.ports import Peers, Status
 from node.protocol import CLOSE_GOING_AWAY, split_target
+from node.silence import after_reads, loop_lag
 from node.tls import chromium_command, public_origin
-from node.transports.h3frames import FrameLengths
-from node.transports.quic_turn import TurnFlusher, free_handshake_buffers, nothing_to_send
+from node.transports.h3frames import FrameLengths, UniStreams
+from node.transports.handshakes import Handshakes
+from node.transports.quic_turn import (
+    SlimH3Connection,
+    TurnFlusher,
+    after_handshake,
+    nothing_to_send,
+    slim_connection,
+    slim_protocol,
+)
 from node.transports.wt_session import WebTransportSession
 
 if TYPE_CHECKING:
@@ -117,6 +126,7 @@ class H3Protocol(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection, stream_handler: Any = None, *,
                  server: WebTransportListener) -> None:
         super().__init__(quic, stream_handler)
+        slim_connection(quic)  # before its first packet (node/transports/quic_turn.py)
         self.server = server
         self.settings = server.settings
         self.peers = server.peers
@@ -128,6 +138,10 @@ class H3Protocol(QuicConnectionProtocol):
         self._transmit_scheduled = False
         self._handshake_buffers = True  # aioquic's INITIAL/HANDSHAKE crypto buffers kept
         self._received_at = self._loop.time()  # the last packet from the peer
+        #: Our last PING, and the first one the peer has not answered yet (<= _received_at:
+        #: none outstanding); silent: none answered within WT_SILENT_TIMEOUT (node/silence.py).
+        self._pinged_at = self._probe_at = 0.0
+        self._silent = self._confirming = False
         self._room: tuple[int, int, int] = (-1, -1, 0)  # (cid length, datagram size, room)
         self._last_request = -1
         #: Handshake deadline: a connection that never opens a session (or stops
@@ -142,8 +156,11 @@ class H3Protocol(QuicConnectionProtocol):
         # handshake toward MAX_CONNECTIONS until it has a session (node/ports.py).
         self._frames = FrameLengths(min(self.settings.http_max_line
                                         * self.settings.http_max_headers, 64 * 1024))
-        self._handshaking = True
-        self.peers.handshaking("webtransport", 1)
+        self._uni = UniStreams()  # control and QPACK encoder streams: the same, their limits
+        # (Past MAX_HANDSHAKES, or past what MAX_CONNECTIONS leaves, the node's oldest
+        # half-open connection is closed: node/transports/handshakes.py.)
+        server.handshakes.began(self)
+        server.handshakes.closable(self, self._evicted)
 
     # -- SessionIO: what sessions use --------------------------------------------
 
@@ -213,10 +230,13 @@ class H3Protocol(QuicConnectionProtocol):
         # aioquic's own transmits at once after every packet; here it waits for the end
         # of the loop turn and is skipped when there is nothing to send (an ACK).
         self._received_at = now = self._loop.time()
+        if self._silent:
+            self._heard()
         self.quic.receive_datagram(data, addr, now=now)  # type: ignore[arg-type]
         self._process_events()
-        if self._handshake_buffers and free_handshake_buffers(self.quic):
+        if self._handshake_buffers and after_handshake(self.quic):
             self._handshake_buffers = False
+            slim_protocol(self)
         self.schedule_transmit()
 
     def unacked(self, stream_id: int) -> int:
@@ -236,17 +256,23 @@ class H3Protocol(QuicConnectionProtocol):
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated):
             if event.alpn_protocol in H3_ALPN:
-                self.h3 = H3Connection(self.quic, enable_webtransport=True)
+                self.h3 = SlimH3Connection(self.quic, enable_webtransport=True)
         elif isinstance(event, ConnectionTerminated):
             self._terminated(event)
             return
         if self.h3 is None:
             return
-        if (isinstance(event, StreamDataReceived) and event.stream_id % 4 == 0
-                and (refused := self._frames.check(event.stream_id, event.data,
-                                                   event.end_stream))):
-            self._refuse_frame(refused)
-            return
+        if isinstance(event, StreamDataReceived):
+            if event.stream_id % 4 == 0:
+                if refused := self._frames.check(event.stream_id, event.data,
+                                                 event.end_stream):
+                    self._refuse_frame(refused)
+                    return
+            elif event.stream_id % 4 == 2:  # the client's control, QPACK and WT streams
+                code, refused = self._uni.check(event.stream_id, event.data, event.end_stream)
+                if code:
+                    self._refuse_frame(refused, code, "h3_stream_too_large")
+                    return
         for h3_event in self.h3.handle_event(event):
             try:
                 self._h3_event(h3_event)
@@ -255,6 +281,7 @@ class H3Protocol(QuicConnectionProtocol):
         # Stream resets produce no H3 event.
         if isinstance(event, StreamReset):
             self._frames.forget(event.stream_id)
+            self._uni.forget(event.stream_id)
             self._stream_reset(event.stream_id, event.error_code)
         elif isinstance(event, StopSendingReceived):
             session = self.sessions.get(event.stream_id)
@@ -309,15 +336,21 @@ class H3Protocol(QuicConnectionProtocol):
         self.shutdown()
 
     def _handshake_over(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            self.peers.handshaking("webtransport", -1)
+        self.server.handshakes.ended(self)
 
-    def _refuse_frame(self, reason: str) -> None:
+    def _evicted(self) -> None:
+        """The oldest half-open connection, closed for a newer one (counted there)."""
+        if not self.terminated:
+            self.quic.close(error_code=H3_NO_ERROR,
+                            reason_phrase="too many connections in their handshake")
+            self.transmit()
+
+    def _refuse_frame(self, reason: str, code: int = 0x107,  # H3_EXCESSIVE_LOAD
+                      counter: str = "headers_too_large") -> None:
         """A frame declared over the limit: the connection is closed before it is buffered."""
-        self.peers.count_drop("headers_too_large")
+        self.peers.count_drop(counter)
         log.info("closing a QUIC connection: %s", reason)
-        self.quic.close(error_code=0x107, reason_phrase=reason[:100])  # H3_EXCESSIVE_LOAD
+        self.quic.close(error_code=code, reason_phrase=reason[:100])
         self.transmit()
 
     def _handshake_deadline(self) -> None:
@@ -359,30 +392,66 @@ class H3Protocol(QuicConnectionProtocol):
     def _arm_ping(self) -> None:
         interval = self.settings.wt_ping_interval
         if self._ping_handle is None and interval > 0 and not self.terminated:
-            # Due one interval after the peer's last packet, not after our last tick: a
-            # vanished peer is then probed within WT_PING_INTERVAL and gone WT_IDLE_TIMEOUT
-            # later (docs/presence.md), never a whole interval later still.
-            when = max(self._received_at + interval, self._loop.time() + interval / 8)
+            # Due one interval after the peer's last packet (or our last PING), not after
+            # our last tick: a vanished peer is probed within WT_PING_INTERVAL and silent
+            # WT_SILENT_TIMEOUT later (docs/presence.md), never a whole interval later still.
+            when = max(self._received_at, self._pinged_at) + interval
+            silent = self.settings.wt_silent_timeout
+            if silent > 0 and not self._silent and self._probe_at > self._received_at:
+                when = min(when, self._probe_at + silent)
+            when = max(when, self._loop.time() + interval / 8)
             self._ping_handle = self._loop.call_at(when, self._ping)
 
     def _ping(self) -> None:
-        """PING while sessions are open: a vanished peer then stops acking and the idle
-        timeout fires; a live one keeps the connection (and Chromium's side) alive."""
+        """PING while sessions are open: a vanished peer then stops acking, goes silent
+        after WT_SILENT_TIMEOUT and is closed by the idle timeout; a live one keeps the
+        connection (and Chromium's side) alive."""
         self._ping_handle = None
         if self.terminated or not self.sessions:
             return
+        now = self._loop.time()
+        silent = self.settings.wt_silent_timeout
+        if (silent > 0 and not self._silent and not self._confirming
+                and self._probe_at > self._received_at and now >= self._probe_at + silent):
+            self._confirming = True  # decided after the socket was read (node/silence.py)
+            after_reads(self._confirm_silent, self._probe_at)
         # A packet from the peer within the interval (ACKs of a fan-out) proves it alive
         # and its own idle timer fresh: no PING needed (profiled at 6% of a fan-out).
-        if self._loop.time() - self._received_at >= self.settings.wt_ping_interval:
+        if now - max(self._received_at, self._pinged_at) >= self.settings.wt_ping_interval:
             self.quic.send_ping(0)
             self.transmit()
-            self._received_at = self._loop.time()  # a probe: the next one an interval later
+            self._pinged_at = now
+            if self._probe_at <= self._received_at:
+                self._probe_at = now
         self._arm_ping()
         rtt = self.quic._loss._rtt_smoothed  # QUIC's own estimate, shown in state dumps
         for session in self.sessions.values():
             if session.peer is not None and rtt:
                 session.peer.rtt_ms = round(rtt * 1000, 3)
                 self.peers.ping_rtt(session.peer, rtt)
+
+    def _confirm_silent(self, probe_at: float) -> None:
+        """No packet since the PING at ``probe_at``, WT_SILENT_TIMEOUT (plus the time the
+        loop stalled since) ago: the sessions' peers are silent; their connection stays."""
+        self._confirming = False
+        if self.terminated or self._silent or self._received_at >= probe_at:
+            return
+        due = probe_at + self.settings.wt_silent_timeout + loop_lag().since(probe_at)
+        if self._loop.time() < due:
+            if self._ping_handle is not None:
+                self._ping_handle.cancel()
+            self._ping_handle = self._loop.call_at(due, self._ping)
+            return
+        self._silent = True
+        for session in self.sessions.values():
+            if session.peer is not None:
+                self.peers.silent(session.peer)
+
+    def _heard(self) -> None:
+        self._silent = False
+        for session in self.sessions.values():
+            if session.peer is not None:
+                self.peers.heard(session.peer)
 
     # -- requests ----------------------------------------------------------------
 
@@ -476,6 +545,11 @@ class WebTransportListener:
         self.status = status
         self.servers: list[QuicServer] = []
         self.connections: set[H3Protocol] = set()
+        #: Connections without a session (node/transports/handshakes.py); one without
+        #: a session may keep asking for 6 x HANDSHAKE_TIMEOUT (_handshake_deadline).
+        self.handshakes = Handshakes(peers, "webtransport", settings.max_handshakes,
+                                     settings.handshake_timeout, settings.max_connections,
+                                     expire=6 * settings.handshake_timeout + 1.0)
         self.flusher = TurnFlusher()
         self.tasks: set[asyncio.Task[None]] = set()
         #: datagrams_in/out, stream_fallback (also dropped.wt_too_big_for_datagram),
@@ -536,6 +610,8 @@ class WebTransportListener:
             self.servers.append(server)
             addresses.append(sock.getsockname()[:2])
         ping, idle = self.settings.wt_ping_interval, self.idle_timeout
+        if ping > 0:
+            loop_lag()  # watching the loop from now: its stalls extend the silent deadline
         if not 0 < ping < idle:
             log.warning("WT_PING_INTERVAL=%g with WT_IDLE_TIMEOUT=%g: quiet but live sessions "
                         "may be cut; keep the interval under the idle timeout", ping, idle)
