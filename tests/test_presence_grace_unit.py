@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from node import protocol
-from node.presence import Hold, Interest, Member, Presence, Publish, Returned
+from node.presence import Hold, Interest, Member, Peer, Presence, Publish, Returned
 from node.protocol import Signalling
 from tests.test_presence import frames_to, joined, make, sig
 
@@ -112,10 +112,15 @@ def test_a_second_tab_leaving_while_the_first_is_held_tells_nobody() -> None:
 # -- a silent peer: past the soft keepalive timeout, its connection still open -----------
 
 
-def test_a_silent_peer_is_held_but_still_delivered_to_and_back_in_time_nobody_knew() -> None:
-    pr = Presence("eu")
+def alice_and_bob(dedupe_state: bool = False) -> tuple[Presence, Peer, Peer]:
+    pr = Presence("eu", dedupe_state=dedupe_state)
     alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
     joined(pr, alice, bob)
+    return pr, alice, bob
+
+
+def test_a_silent_peer_is_held_but_still_delivered_to_and_back_in_time_nobody_knew() -> None:
+    pr, alice, bob = alice_and_bob()
     assert pr.silence(alice) == [Hold(alice)]
     assert pr.silence(alice) == []  # once
     channel = pr.realms["app"].channels["room"]
@@ -130,9 +135,7 @@ def test_a_silent_peer_is_held_but_still_delivered_to_and_back_in_time_nobody_kn
 
 
 def test_a_silent_peer_released_then_heard_rejoins_with_its_last_state() -> None:
-    pr = Presence("eu", dedupe_state=True)
-    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
-    joined(pr, alice, bob)
+    pr, alice, bob = alice_and_bob(dedupe_state=True)
     state = msgpack.packb({"id": "alice", "cursor": [3, 4]})
     pr.handle(alice, sig("peer_state", pl=state))
     pr.silence(alice)
@@ -171,9 +174,7 @@ def test_a_silent_peer_rejoins_a_channel_freed_meanwhile_and_it_is_listened_to_a
 
 
 def test_a_silent_peer_leaving_cleanly_is_offline_at_once_and_nothing_stays_held() -> None:
-    pr = Presence("eu")
-    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
-    joined(pr, alice, bob)
+    pr, alice, bob = alice_and_bob()
     pr.silence(alice)
     gone = pr.disconnect(alice)
     assert frames_to(gone, bob)[0]["op"] == "peer_offline"
@@ -182,9 +183,7 @@ def test_a_silent_peer_leaving_cleanly_is_offline_at_once_and_nothing_stays_held
 
 
 def test_a_silent_peer_whose_connection_then_vanished_stays_held_until_released() -> None:
-    pr = Presence("eu")
-    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
-    joined(pr, alice, bob)
+    pr, alice, bob = alice_and_bob()
     pr.silence(alice)
     pr.hold(alice)  # the hard timeout: out of the delivery lists, still held
     channel = pr.realms["app"].channels["room"]
@@ -194,9 +193,7 @@ def test_a_silent_peer_whose_connection_then_vanished_stays_held_until_released(
 
 
 def test_a_silent_peer_whose_id_came_back_on_another_connection_leaves_that_channel() -> None:
-    pr = Presence("eu")
-    alice, bob = make(pr, "1", "alice"), make(pr, "2", "bob")
-    joined(pr, alice, bob)
+    pr, alice, _ = alice_and_bob()
     pr.silence(alice)
     again = make(pr, "3", "alice")
     joined(pr, again)
