@@ -1,10 +1,10 @@
 """A silent peer: offline for the others soon, its connection closed only much later.
 
-The keepalive has two timeouts (docs/presence.md). Past the soft one (``PING_TIMEOUT``: no
-pong; ``WT_SILENT_TIMEOUT``: no packet) the transport reports the peer *silent*: it is
-held in its channels for ``PRESENCE_GRACE`` and then goes offline for the others, but its
-connection stays open. Past the hard one (``PING_CLOSE_TIMEOUT``, ``WT_IDLE_TIMEOUT``) the
-connection is closed. A silent peer heard again (a late pong, any frame or packet) comes
+The keepalive has two timeouts (docs/presence.md). Past the soft one
+(``PING_SILENT_TIMEOUT``: no pong; ``WT_SILENT_TIMEOUT``: no packet) the transport reports
+the peer *silent*: it is held in its channels for ``PRESENCE_GRACE`` and then goes offline
+for the others, but its connection stays open. Past the hard one (``PING_TIMEOUT``,
+``WT_IDLE_TIMEOUT``) the connection is closed. A silent peer heard again (a late pong, any frame or packet) comes
 back: within the grace period nobody saw anything; after it, it re-joins its channels with
 its last state (node/presence.py ``Presence.heard``).
 
