@@ -498,7 +498,9 @@ class Presence:
         if channel is None:
             return []
         by_id: dict[str, list[Any]] = {}  # id -> [connections, seq, state]
-        for p in [*channel.peers.values(), *channel.held.values()]:
+        # (a silent peer is in both: its connection is still open, see silence)
+        held = [p for sid, p in channel.held.items() if sid not in channel.peers]
+        for p in [*channel.peers.values(), *held]:
             seq = p.state_seq.get(name, 0)
             entry = by_id.get(p.client_id)
             if entry is None:

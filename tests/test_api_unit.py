@@ -88,6 +88,9 @@ def test_a_held_peer_is_still_a_member_until_released() -> None:
     pr.release(a, "room")
     assert [m["id"] for m in pr.members("app", "room")] == ["bob"]
     assert pr.channels("app") == [{"name": "room", "members": 1}]
+    pr.silence(b)  # silent: held, and its connection still in the channel: one connection
+    assert pr.members("app", "room") == [{"id": "bob", "state": None, "connections": 1}]
+    assert pr.channels("app") == [{"name": "room", "members": 1}]
 
 
 def test_user_counts_connections_in_a_channel_or_not_per_app() -> None:
