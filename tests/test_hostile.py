@@ -393,6 +393,30 @@ async def test_half_open_quic_connections_share_the_bound_the_oldest_closed(
     await wait_until(lambda: node.node.handshakes["webtransport"] == 0, 5, "released")
 
 
+async def test_a_tcp_newcomer_closes_the_oldest_half_open_quic_connection(
+        node_factory: NodeFactory) -> None:
+    """MAX_CONNECTIONS is one bound for both transports: a node full of QUIC connections
+    without a session makes room for a WebSocket peer by closing the oldest of them."""
+    from testkit.wt_client import close_client, open_client
+
+    node = await node_factory(MAX_CONNECTIONS="20", HANDSHAKE_TIMEOUT="30")
+    idle = [await open_client(node.port, None) for _ in range(20)]
+    try:
+        await wait_until(lambda: node.node.handshakes["webtransport"] == 20, 5, "counted")
+        assert node.node.connections() == 20
+        peer = await joined(node, "room", "p")  # over the bound by one: the oldest goes
+        await idle[0].until(lambda: idle[0].terminated is not None, 5, "the oldest closed")
+        assert idle[0].terminated.reason_phrase == "too many connections in their handshake"
+        assert all(c.terminated is None for c in idle[1:])
+        assert node.node.presence.dropped["handshake_limit"] == 1
+        assert node.node.connections() <= 20
+        await peer.close()
+    finally:
+        for client in idle:
+            await close_client(client)
+    await wait_until(lambda: node.node.handshakes["webtransport"] == 0, 5, "released")
+
+
 async def test_a_publickey_that_is_not_utf8_is_refused_400(node_factory: NodeFactory) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus
