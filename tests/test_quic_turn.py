@@ -26,6 +26,8 @@ from node.transports.quic_turn import (
     HOST_CONNECTION_IDS,
     PEER_CONNECTION_IDS,
     POST_HANDSHAKE_CRYPTO_BUFFER,
+    UNUSED_RECEIVER,
+    UNUSED_SENDER,
     BoundedFifo,
     Fifo,
     PacketWindow,
@@ -244,9 +246,22 @@ def test_slim_connection_serves_requests_datagrams_streams_pings(slim: SlimPair)
     stream = client.get_next_available_stream_id(is_unidirectional=True)
     client.send_stream_data(stream, b"\x40\x54\x00" + b"x" * 50_000, end_stream=True)
     slim.exchange()
+    reset = client.get_next_available_stream_id(is_unidirectional=True)
+    client.send_stream_data(reset, b"\x40\x54\x00" + b"y" * 3000)
+    client.reset_stream(reset, 0)  # a one-way stream of the client's, reset
+    slim.exchange()
     client.request_key_update()  # the ONE_RTT keys' callbacks were replaced
     client.send_datagram_frame(b"after the key update")
     slim.exchange()
+    shared = [(sid, s) for sid, s in server._streams.items() if sid % 4 in (2, 3)]
+    assert {sid % 4 for sid, s in shared if s.sender is UNUSED_SENDER} == {2}
+    assert {sid % 4 for sid, s in shared if s.receiver is UNUSED_RECEIVER} == {3}
+    assert len(shared) >= 6
+    for half in (UNUSED_SENDER, UNUSED_RECEIVER):  # read, never written
+        assert half.is_finished and half.highest_offset == 0 and not half._buffer
+    assert UNUSED_SENDER.buffer_is_empty and not UNUSED_SENDER.reset_pending
+    assert not list(UNUSED_SENDER._acked) and not list(UNUSED_SENDER._pending)
+    assert not UNUSED_RECEIVER.stop_pending and not list(UNUSED_RECEIVER._ranges)
     assert server._state.name == "CONNECTED", server._close_event
     assert client._state.name == "CONNECTED", client._close_event
     assert slim.idle > 10 and slim.busy > 10

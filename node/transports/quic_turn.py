@@ -35,9 +35,12 @@ import pylsqpack
 from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.h3.connection import H3Connection
+from aioquic.h3.events import H3Event
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair, NoCallback
+from aioquic.quic.events import QuicEvent, StreamDataReceived
 from aioquic.quic.recovery import QuicPacketNumberWindow, QuicPacketSpace
+from aioquic.quic.stream import QuicStream, QuicStreamReceiver, QuicStreamSender
 from aioquic.tls import Epoch, State
 
 #: What is left of a server's ONE_RTT crypto buffer once the handshake is confirmed.
@@ -243,7 +246,15 @@ def after_handshake(quic: QuicConnection) -> bool:
         versions, dict.fromkeys(versions, _DISCARDED_CRYPTO))
     if quic.tls.state == State.SERVER_POST_HANDSHAKE:
         quic.tls = ServerTlsDone(quic.tls)  # type: ignore[assignment]
+        # ServerTlsDone never writes: one empty output buffer for all (aioquic only
+        # reads the dict, and each buffer's data, to push what TLS wrote).
+        if set(quic._crypto_buffers) == {Epoch.ONE_RTT} and not quic._crypto_buffers[
+                Epoch.ONE_RTT].tell():
+            quic._crypto_buffers = _NO_TLS_OUTPUT
     return True
+
+
+_NO_TLS_OUTPUT: dict[Epoch, Buffer] = {Epoch.ONE_RTT: Buffer(capacity=0)}
 
 
 #: Shared ``_cryptos_initial`` per tuple of versions: only read after the handshake (an
@@ -344,6 +355,44 @@ class SlimH3Connection(H3Connection):
         super()._handle_control_frame(frame_type, frame_data)
         if self._received_settings is not None:
             self._received_settings = _shared_settings(self._received_settings)
+
+    def _create_uni_stream(self, stream_type: int, push_id: int | None = None) -> int:
+        stream_id = super()._create_uni_stream(stream_type, push_id)
+        stream = self._quic._streams.get(stream_id)
+        if stream is not None:
+            share_unused_half(stream)
+        return stream_id
+
+    def handle_event(self, event: QuicEvent) -> list[H3Event]:
+        events = super().handle_event(event)
+        if isinstance(event, StreamDataReceived) and event.stream_id % 4 == 2:
+            stream = self._quic._streams.get(event.stream_id)  # the client's, one-way
+            if stream is not None and stream.sender is not UNUSED_SENDER:
+                share_unused_half(stream)
+        return events
+
+
+#: The half a unidirectional stream never uses (~300-400 bytes each: the object, its
+#: range sets and buffer), one for all: the server's own uni streams never receive, the
+#: client's never send. aioquic checks the direction before it would touch one
+#: (``_assert_stream_can_send``/``_can_receive``, ``_get_or_create_stream_for_send``)
+#: and otherwise only reads them (is_finished, buffer_is_empty, reset_pending,
+#: stop_pending, highest_offset): tests/test_quic_turn.py checks both never change.
+UNUSED_SENDER = QuicStreamSender(stream_id=None, writable=False)
+UNUSED_RECEIVER = QuicStreamReceiver(stream_id=None, readable=False)
+
+
+def share_unused_half(stream: QuicStream) -> None:
+    """Replace a unidirectional stream's unused half, if untouched, by the shared one."""
+    sender, receiver = stream.sender, stream.receiver
+    if (sender is not UNUSED_SENDER and sender.is_finished and sender.buffer_is_empty
+            and not sender.reset_pending and sender.highest_offset == 0
+            and not sender._buffer and sender._buffer_fin is None):
+        stream.sender = UNUSED_SENDER
+    elif (receiver is not UNUSED_RECEIVER and receiver.is_finished
+          and not receiver.stop_pending and receiver.highest_offset == 0
+          and not receiver._buffer and receiver._final_size is None):
+        stream.receiver = UNUSED_RECEIVER
 
 
 #: SETTINGS dicts (only read once received or sent) shared by the connections that have
