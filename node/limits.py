@@ -158,8 +158,8 @@ class Guard:
 
     def admit(self, handshakes: int = 0) -> str:
         """Why a new connection must be refused (HTTP 503), or ``""``. ``handshakes``:
-        connections still in their handshake, this one included; they count too (each holds
-        a socket and tens of KiB before it is a peer)."""
+        connections still in their handshake, this one included, to count too (the node
+        passes none: it bounds them at their accept, node/transports/handshakes.py)."""
         if self.max_connections and (len(self.presence.peers) + max(handshakes - 1, 0)
                                      >= self.max_connections):
             return f"node full: {self.max_connections} connections"

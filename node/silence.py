@@ -4,9 +4,9 @@ The keepalive has two timeouts (docs/presence.md). Past the soft one
 (``PING_SILENT_TIMEOUT``: no pong; ``WT_SILENT_TIMEOUT``: no packet) the transport reports
 the peer *silent*: it is held in its channels for ``PRESENCE_GRACE`` and then goes offline
 for the others, but its connection stays open. Past the hard one (``PING_TIMEOUT``,
-``WT_IDLE_TIMEOUT``) the connection is closed. A silent peer heard again (a late pong, any frame or packet) comes
-back: within the grace period nobody saw anything; after it, it re-joins its channels with
-its last state (node/presence.py ``Presence.heard``).
+``WT_IDLE_TIMEOUT``) the connection is closed. A silent peer heard again (a late pong, any
+frame or packet) comes back: within the grace period nobody saw anything; after it, it
+re-joins its channels with its last state (node/presence.py ``Presence.heard``).
 
 Neither timeout counts the node's own lateness (:class:`LoopLag`): when the event loop
 was busy, a pong may be sitting unread in a socket buffer, and the peer is not to blame.
