@@ -198,7 +198,10 @@ async def test_demo_page_over_native_webtransport(node_factory: NodeFactory,
         (ARTIFACTS / "webtransport-console.log").write_text(browser.console_text())
     _record("killed_browser_noticed_s", round(noticed, 2))
     assert noticed < 16, f"killed browser noticed after {noticed:.1f}s"
-    assert [p.client_id for p in node.node.presence.peers.values()] == ["py-ws"]
+    # Gone from the channel; its QUIC connection is only closed at WT_IDLE_TIMEOUT (a silent
+    # peer is kept in case it is heard again: docs/presence.md).
+    app = next(iter(node.node.presence.peers.values())).app
+    assert [m["id"] for m in node.node.presence.members(app, "e2e")] == ["py-ws"]
     await ws.close()
 
 
