@@ -249,6 +249,7 @@ async def _traced(peers: int, frames: int, settle: float, workers: int,
         await loop.run_in_executor(None, lambda: _connect(pool, port, "webtransport", ids,
                                                           concurrency=4, timeout=60.0))
         await asyncio.sleep(settle)
+        clients = await loop.run_in_executor(None, pool.call_all, "open_count")
         gc.collect()
         snap, malloc1 = tracemalloc.take_snapshot(), malloc_in_use()
         # tracemalloc's own tables are malloc'd too: not the node's.
@@ -273,6 +274,8 @@ async def _traced(peers: int, frames: int, settle: float, workers: int,
     traced = sum(parts.values())
     return {
         "peers": peers, "connections_with_session": len(conns),
+        "clients_open": sum(c["open"] for c in clients),
+        "clients_closed": [c["codes"] for c in clients if c["closed"]],
         "traced_kib_per_peer": traced / 1024 / peers,
         "malloc_in_use_kib_per_peer": (malloc1 - malloc0 - overhead) / 1024 / peers,
         "census_per_connection": counted,
