@@ -10,6 +10,7 @@ mesh, stop answering queries, close the bus, flush the spans, close the auth cli
 
 from __future__ import annotations
 
+import errno
 import logging
 from ssl import SSLContext
 from typing import Any, Protocol
@@ -31,6 +32,8 @@ from node.transports.webtransport import WebTransportListener
 from node.webhooks import Webhooks
 
 log = logging.getLogger("prscd.app")
+#: PORT=0 with WebTransport: ports tried for one free on both TCP and UDP.
+PORT_TRIES = 8
 
 
 class Listener(Protocol):
@@ -87,15 +90,28 @@ class App:
             node.webhooks.start()
         cert = node.cert
         ssl = server_context(cert) if (settings.tls and cert) else None
-        ws = WebSocketListener(settings, node, node)
-        self.addresses = await ws.start(ssl)
-        self.listeners.append(ws)
-        self.port = self.addresses[0][1]
-        if settings.webtransport and ssl is not None and cert is not None:
+        wants_wt = settings.webtransport and ssl is not None and cert is not None
+        for attempt in range(PORT_TRIES):
+            ws = WebSocketListener(settings, node, node)
+            self.addresses = await ws.start(ssl)
+            self.port = self.addresses[0][1]
+            if not wants_wt:
+                break
+            assert cert is not None
             # HTTP/3 needs TLS; it shares the port number (UDP) with the WebSocket server.
             wt = WebTransportListener(settings, node, node)
-            self.addresses += await wt.start(self.port, cert)
+            try:
+                self.addresses += await wt.start(self.port, cert)
+            except OSError as exc:
+                # PORT=0: the kernel's free TCP port can be a busy UDP one; take another.
+                await ws.close()
+                if settings.port or exc.errno != errno.EADDRINUSE or attempt == PORT_TRIES - 1:
+                    raise
+                log.info("udp port %d is taken: trying another port (PORT=0)", self.port)
+                continue
             self.listeners.append(wt)
+            break
+        self.listeners.insert(0, ws)
         if settings.api_keys:
             api = ApiListener(settings, node, self.query, admin=node.admin)
             self.api_port = (await api.start(ssl))[0][1]

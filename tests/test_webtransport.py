@@ -300,3 +300,30 @@ async def test_a_reset_data_stream_loses_only_its_partial_message(
         ack = await wt.next_message(match=lambda m: m.get("op") == "channel_join")
         assert ack["c"] == "other"
     assert node.node.presence.dropped["wt_stream_reset"] == 1
+
+
+async def test_port_zero_takes_another_port_when_its_udp_twin_is_busy(
+        node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PORT=0: the kernel picks a free TCP port, whose UDP twin may be taken (seen in CI:
+    EADDRINUSE at start). The node takes another port rather than failing."""
+    import errno
+    import socket
+
+    real_start = WebTransportListener.start
+    refused: list[int] = []
+
+    async def busy_once(self: WebTransportListener, port: int, cert: Any) -> Any:
+        if not refused:
+            refused.append(port)
+            raise OSError(errno.EADDRINUSE, "Address already in use")
+        return await real_start(self, port, cert)
+
+    monkeypatch.setattr(WebTransportListener, "start", busy_once)
+    node = await node_factory(WEBTRANSPORT="true")
+    assert refused and node.port != refused[0]
+    assert {p for _, p in node.app.addresses} == {node.port}  # TCP and UDP on one port
+    assert len(node.app.listeners) >= 2
+    with socket.socket() as s:  # the first try's TCP listener is closed
+        assert s.connect_ex(("127.0.0.1", refused[0])) != 0
+    ws = await joined(node, "room", "alice")
+    await ws.close()
