@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from node import protocol
@@ -191,24 +191,30 @@ def _frames(value: Any) -> list[bytes]:
 DECODE_BUDGET = 192 * 1024
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# The issue's shapes always, then 80 drawn ones (each up to 6,000 leaves: most of the time
+# of the unit suite went to drawing 150 of them).
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_values)
+@example([None] * 60_000)
+@example([[None] * 1000 for _ in range(60)])
+@example({f"k{i}": [b"x" * 40] * 2000 for i in range(30)})
 def test_no_frame_costs_more_than_the_budget_to_decode(value: Any) -> None:
     for frame in _frames(value):
         # What a frame costs each time it is sent: a first call may also fill one-time
-        # caches (seen once: 1.9 MB, not again). No collection inside the window either:
-        # what the collector frees runs others' code.
-        with contextlib.suppress(ProtocolError):
-            protocol.decode(frame)
-        # tracemalloc sees every thread: another's allocation (left by an earlier test in
-        # the same run) once showed as 1.9 MB. A frame's own cost is the same each time:
-        # the least of three is kept.
-        peak = min(_decode_peak(frame) for _ in range(3))
+        # caches (seen once: 1.9 MB, not again), so it is not measured. No collection
+        # inside the window either: what the collector frees runs others' code.
         try:
             sig = protocol.decode(frame)
         except ProtocolError:
             sig = None
-        assert peak <= DECODE_BUDGET + 2 * len(frame), (peak, len(frame))
+        budget = DECODE_BUDGET + 2 * len(frame)
+        peak = _decode_peak(frame)
+        if peak > budget:
+            # tracemalloc sees every thread: another's allocation (left by an earlier test
+            # in the same run) once showed as 1.9 MB. A frame's own cost is the same each
+            # time: the least of three is kept.
+            peak = min(peak, _decode_peak(frame), _decode_peak(frame))
+        assert peak <= budget, (peak, len(frame))
         if sig is not None and sig.pl is not None:
             assert _count(msgpack.unpackb(sig.pl, strict_map_key=False)) \
                 <= protocol.MAX_PAYLOAD_ITEMS

@@ -68,7 +68,7 @@ def test_arbitrary_bytes_only_raise_protocol_error(frame: bytes) -> None:
         protocol.decode(frame)
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(maps)
 def test_wrong_maps_only_raise_protocol_error_and_accepted_ones_are_safe(obj: dict) -> None:
     frame = msgpack.packb(obj, use_bin_type=True)
@@ -487,7 +487,7 @@ class MeshMachine(RuleBasedStateMachine):
                             assert ok or nid in pending or nid in self.crashed
 
 
-MeshMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50,
+MeshMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50,
                                          deadline=None)
 test_mesh_rules = MeshMachine.TestCase
 
