@@ -68,7 +68,7 @@ def test_arbitrary_bytes_only_raise_protocol_error(frame: bytes) -> None:
         protocol.decode(frame)
 
 
-@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=700, suppress_health_check=[HealthCheck.too_slow])
 @given(maps)
 def test_wrong_maps_only_raise_protocol_error_and_accepted_ones_are_safe(obj: dict) -> None:
     frame = msgpack.packb(obj, use_bin_type=True)
@@ -242,7 +242,7 @@ class PresenceMachine(RuleBasedStateMachine):
                 del self.remote[key]
 
 
-PresenceMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
+PresenceMachine.TestCase.settings = settings(max_examples=110, stateful_step_count=40,
                                              deadline=None)
 test_presence_rules = PresenceMachine.TestCase
 
@@ -487,7 +487,7 @@ class MeshMachine(RuleBasedStateMachine):
                             assert ok or nid in pending or nid in self.crashed
 
 
-MeshMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50,
+MeshMachine.TestCase.settings = settings(max_examples=110, stateful_step_count=50,
                                          deadline=None)
 test_mesh_rules = MeshMachine.TestCase
 
@@ -785,6 +785,6 @@ class ClientViewMachine(RuleBasedStateMachine):
                 assert view == deduped.truth(cid), (cid, i)
 
 
-ClientViewMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30,
+ClientViewMachine.TestCase.settings = settings(max_examples=110, stateful_step_count=30,
                                                deadline=None)
 test_client_views_with_and_without_dedupe = ClientViewMachine.TestCase
