@@ -17,7 +17,6 @@ One registry per node (not the library's global one), so several nodes in one pr
 from __future__ import annotations
 
 import logging
-import re
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -70,7 +69,6 @@ LIMITS = {"connection_limit": "connections", "rate_limited": "rate", "rate_flood
 FRAME_SAMPLE = 8
 #: Distinct ``origin`` labels kept (one per region); more are counted as "other".
 MAX_ORIGINS = 64
-_CODE = re.compile(r"code=(\d+)")
 
 
 class Buckets:
@@ -115,15 +113,14 @@ class Labelled:
         return child
 
 
-def close_code(why: str) -> str:
-    """The close code in a transport's ``closed(peer, why)`` text (both transports write
-    ``code=N``); "none" when the connection ended without one. WebTransport's codes are
-    32 bits (0 is its plain close): outside 0-4999 they are counted as "other"."""
-    found = _CODE.search(why)
-    if found is None:
+def close_code(code: int | None) -> str:
+    """The ``code`` label of a close: the code the node sent or a transport sent or
+    received (passed as a value, never read back from a reason text a client may write);
+    "none" when the connection ended without one. WebTransport's codes are 32 bits (0 is
+    its plain close): outside 0-4999 they are counted as "other"."""
+    if code is None:
         return "none"
-    code = int(found.group(1))
-    return str(code) if code <= 4999 else "other"
+    return str(code) if 0 <= code <= 4999 else "other"
 
 
 class Node(Protocol):

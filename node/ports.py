@@ -69,9 +69,12 @@ class Peers(Protocol):
         """``queued`` bytes wait in the transport for this peer (reported when non-zero)."""
         ...
 
-    async def closed(self, peer: Peer, why: str, *, vanished: bool = False) -> None:
+    async def closed(self, peer: Peer, why: str, *, vanished: bool = False,
+                     code: int | None = None) -> None:
         """The connection is gone; the peer's channels hear its ``peer_offline`` (after
         PRESENCE_GRACE if it ``vanished``: an idle timeout, no close and no FIN).
+        ``code``: the close code sent or received (None: none), counted by /metrics;
+        ``why`` is only logged.
         Idempotent: a peer the node closed already is not closed twice."""
         ...
 

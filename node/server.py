@@ -223,9 +223,10 @@ class Node:
         if close is not None:
             self._close_soon(close)
 
-    async def closed(self, peer: Peer, why: str, *, vanished: bool = False) -> None:
+    async def closed(self, peer: Peer, why: str, *, vanished: bool = False,
+                     code: int | None = None) -> None:
         if self.links.pop(peer.sid, None) is not None:  # else closed by the node already
-            self.metrics.closed[peer.transport, close_code(why)] += 1
+            self.metrics.closed[peer.transport, close_code(code)] += 1
             if not self.links:
                 self._no_peers.set()
             await self._offline(peer, self._leave(peer, why, vanished=vanished))

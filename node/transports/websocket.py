@@ -719,8 +719,9 @@ class WebSocketListener:
                 peers.count_drop(Fault.TOO_BIG.counter)  # the library's own close
             # Who closed first: the peer (rcvd then sent) or us.
             first = rcvd if ws.protocol.close_rcvd_then_sent else (sent or rcvd)
-            why = f"close code={first.code} reason={first.reason!r}" if first else "close code=1006"
-            await peers.closed(peer, why)
+            code = first.code if first else 1006  # 1006: no close frame either way
+            why = f"close code={code} reason={first.reason if first else ''!r}"
+            await peers.closed(peer, why, code=code)
             # Break the ws <-> link cycle and leave the keepalive heap: a closed connection
             # and its TLS buffers are freed now, not at the next full garbage collection
             # (under connection churn that grew the node by ~40 KiB per connection; found

@@ -287,7 +287,7 @@ class H3Protocol(QuicConnectionProtocol):
             session = self.sessions.get(event.stream_id)
             if session is not None:
                 session.end(f"client stopped reading the session stream code={event.error_code}",
-                            reply="reset")
+                            reply="reset", code=event.error_code)
             else:
                 for session in list(self.sessions.values()):
                     session.on_stop_sending(event.stream_id)
@@ -318,7 +318,7 @@ class H3Protocol(QuicConnectionProtocol):
     def _stream_reset(self, stream_id: int, code: int) -> None:
         session = self.sessions.get(stream_id)
         if session is not None:
-            session.end(f"client reset the session stream code={code}", reply="reset")
+            session.end(f"client reset the session stream code={code}", reply="reset", code=code)
             return
         for session in list(self.sessions.values()):
             session.on_stream_reset(stream_id)
@@ -326,13 +326,15 @@ class H3Protocol(QuicConnectionProtocol):
     def _terminated(self, event: ConnectionTerminated) -> None:
         self.terminated = True
         vanished = event.reason_phrase == "Idle timeout"
+        code: int | None = None
         if vanished:
             why = f"idle timeout ({self.server.idle_timeout:g} s without a packet)"
         else:
-            why = f"connection closed code={event.error_code} reason={event.reason_phrase!r}"
+            code = event.error_code
+            why = f"connection closed code={code} reason={event.reason_phrase!r}"
         for session in list(self.sessions.values()):
             session.vanished = vanished
-            session.end(why, reply="none")
+            session.end(why, reply="none", code=code)
         self.shutdown()
 
     def _handshake_over(self) -> None:

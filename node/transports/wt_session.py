@@ -283,6 +283,8 @@ class WebTransportSession:
         self.reliable = False
         self.closed = False
         self.why = ""
+        #: The close code sent or received (None: ended without one), for /metrics.
+        self.code: int | None = None
         #: Ended by the QUIC idle timeout: the peer vanished (offline after PRESENCE_GRACE).
         self.vanished = False
         self.task: asyncio.Task[None] | None = None
@@ -324,7 +326,7 @@ class WebTransportSession:
         capsule = encode_close_capsule(code, reason)
         self._end_connect_stream(capsule)
         self.io.schedule_transmit()
-        self.end(f"closed by server code={code} reason={reason[:120]!r}")
+        self.end(f"closed by server code={code} reason={reason[:120]!r}", code=code)
 
     # -- events from the connection -----------------------------------------
 
@@ -377,7 +379,7 @@ class WebTransportSession:
         for capsule_type, payload in capsules:
             if capsule_type == CLOSE_WEBTRANSPORT_SESSION:
                 code, reason = decode_close_capsule(payload)
-                self.end(f"closed by client code={code} reason={reason[:120]!r}")
+                self.end(f"closed by client code={code} reason={reason[:120]!r}", code=code)
                 return
             if capsule_type == DRAIN_WEBTRANSPORT_SESSION:
                 log.debug("drain capsule sid=%s", self.peer.sid if self.peer else "-")
@@ -385,7 +387,7 @@ class WebTransportSession:
         if ended:
             self.end("client ended the session stream (FIN)")
 
-    def end(self, why: str, *, reply: str = "fin") -> None:
+    def end(self, why: str, *, reply: str = "fin", code: int | None = None) -> None:
         """The session is over: stop sending, answer the CONNECT stream, end the peer.
 
         ``reply`` is how our half of the CONNECT stream ends: "fin", "reset" (the peer
@@ -394,7 +396,7 @@ class WebTransportSession:
         if self.closed:
             return
         self.closed = True
-        self.why = why
+        self.why, self.code = why, code
         if reply == "fin":
             self._end_connect_stream(b"")
         elif reply == "reset" and not self._connect_stream_done:
@@ -494,5 +496,6 @@ class WebTransportSession:
                     peers.fault(peer, Fault.INTERNAL, "internal error")
                     break
         finally:
-            await peers.closed(peer, self.why or "session task ended", vanished=self.vanished)
+            await peers.closed(peer, self.why or "session task ended", vanished=self.vanished,
+                               code=self.code)
             self.peer = None  # break the session <-> peer cycle: freed at once, not by the GC
