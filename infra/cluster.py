@@ -28,7 +28,8 @@ Ports with ``--wan`` (first port ``--wan-port``, default 6222, n = 3 regions): r
 gateway proxy listens on ``wan + i`` (every server's ``GW_*`` URLs and its gateway
 ``advertise`` point there); the proxy from region i's node to region j's NATS server on
 ``wan + n + i*n + j`` (j != i). A node's ``NATS_URL`` is its own server direct, then the
-others' proxies: ``nats://127.0.0.1:<nats+i>,nats://127.0.0.1:<wan+n+i*n+j>,...``.
+others' proxies, nearest first by ``delays_ms`` (eu-west: us-east 40 ms, then ap-south
+60 ms): ``nats://127.0.0.1:<nats+i>,nats://127.0.0.1:<wan+n+i*n+j>,...``.
 
 ``state.json`` (stable; other tools read it): ``state_dir``, ``ports`` (``nats``, ``http``,
 ``gateway``, ``node``, ``wan``), ``regions``, ``procs`` (``kind`` nats|node|wan,
@@ -203,13 +204,17 @@ class Cluster:
         return self.ports.wan + n + self.index(src) * n + self.index(dst)
 
     def node_nats_urls(self, region: str) -> list[str]:
-        """A node's NATS_URL: its own region's server first, the others as failover."""
+        """A node's NATS_URL: its own region's server first, the others as failover; with
+        --wan nearest first (one-way delay, ties in ring order), since the bus tries them
+        in this order (docs/mesh.md) and a node away from home pays that delay both ways."""
         i = self.index(region)
         order = self.regions[i:] + self.regions[:i]
         if self.wan is None:
             return [self.nats_url(r) for r in order]
+        wan = self.wan
+        others = sorted(order[1:], key=lambda r: wan.delay_ms(region, r))  # stable: ring ties
         return [self.nats_url(region)] + [
-            f"nats://127.0.0.1:{self.client_proxy_port(region, r)}" for r in order[1:]]
+            f"nats://127.0.0.1:{self.client_proxy_port(region, r)}" for r in others]
 
     def wan_links(self) -> list[Link]:
         links = [Link("gateway", r, self.gateway_proxy_port(r), self.port(r, "gateway"))

@@ -378,7 +378,11 @@ async def test_wan_a_region_away_from_home_pays_the_detour_then_goes_back(
     await asyncio.to_thread(cluster.up)
     peers: list[Counting] = []
     try:
-        urls = ",".join(cluster.node_nats_urls("eu-west"))
+        # ap-south's server (60 ms) before the nearer us-east's (40 ms), unlike
+        # node_nats_urls: the detour (2 x 60 ms) then stands far out from the home path.
+        urls = ",".join([cluster.nats_url("eu-west")] + [
+            f"nats://127.0.0.1:{cluster.client_proxy_port('eu-west', r)}"
+            for r in ("ap-south", "us-east")])
         nodes = [await node_factory(MESH_ID="eu-west", NATS_URL=urls, NATS_FAILBACK_AFTER="3",
                                     YOMO_SNDR_NAME=f"fb-source-{i}",
                                     YOMO_RCVR_NAME=f"fb-sfn-{i}") for i in (1, 2)]

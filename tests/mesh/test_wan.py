@@ -20,7 +20,7 @@ import pytest
 
 from bench.geo import run_async
 from infra.cluster import Cluster
-from infra.wan import Link, WanConfig, WanProxies, parse_delay
+from infra.wan import DEFAULT_DELAYS_MS, Link, WanConfig, WanProxies, parse_delay
 from tests.mesh.conftest import cluster_ports
 from tests.mesh_helpers import free_port, wait_until
 
@@ -87,6 +87,34 @@ def test_delay_table_defaults_and_flags() -> None:
     assert parse_delay("ap-south:us-east=120") == ("ap-south|us-east", 120.0)
     with pytest.raises(ValueError):
         WanConfig(stall_fraction=2)
+
+
+def _failover(c: Cluster, region: str) -> list[str]:
+    """The regions behind a node's NATS_URL, in its order."""
+    if c.wan is None:
+        by_port = {c.port(r, "nats"): r for r in c.regions}
+    else:
+        by_port = {c.port(region, "nats"): region}
+        by_port.update({c.client_proxy_port(region, r): r for r in c.regions if r != region})
+    return [by_port[int(url.rsplit(":", 1)[1])] for url in c.node_nats_urls(region)]
+
+
+@pytest.mark.unit
+def test_nats_url_lists_home_then_the_other_regions_nearest_first(tmp_path: Path) -> None:
+    c = Cluster(tmp_path, wan=WanConfig())  # 40/90/60 ms
+    assert _failover(c, "us-east") == ["us-east", "eu-west", "ap-south"]
+    assert _failover(c, "eu-west") == ["eu-west", "us-east", "ap-south"]  # ring: ap-south
+    assert _failover(c, "ap-south") == ["ap-south", "eu-west", "us-east"]  # ring: us-east
+    c.wan = WanConfig(delays_ms={**DEFAULT_DELAYS_MS, "eu-west|us-east": 100})
+    assert _failover(c, "eu-west") == ["eu-west", "ap-south", "us-east"]
+    # Home first even when another region is as near (0 ms); equal delays keep ring order.
+    c.wan = WanConfig(delays_ms={"eu-west|us-east": 0, "eu-west|ap-south": 0})
+    assert _failover(c, "eu-west") == ["eu-west", "ap-south", "us-east"]
+    assert _failover(c, "us-east") == ["us-east", "eu-west", "ap-south"]
+    # Without --wan no distance is known: ring order, every server direct.
+    c.wan = None
+    assert _failover(c, "eu-west") == ["eu-west", "ap-south", "us-east"]
+    assert c.node_nats_urls("eu-west")[0] == c.nats_url("eu-west")
 
 
 async def test_proxy_delays_by_the_link_and_never_reorders(sink: Sink) -> None:
