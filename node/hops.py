@@ -34,16 +34,26 @@ from opentelemetry.trace import INVALID_SPAN, Span, get_current_span
 
 from mesh.bridge import TAG_PEER, MeshEvent, event_subject
 from mesh.tracing import CONSUMER, PRODUCER, ROOT, SERVER, Tracing
-from node.presence import Action, Deliver, Peer
+from node.presence import Action, Deliver, Peer, Publish
 from node.protocol import DATA, Signalling
 
 _OFF: AbstractContextManager[Span] = contextlib.nullcontext(INVALID_SPAN)
 _NO_HEADERS: AbstractContextManager[dict[str, str] | None] = contextlib.nullcontext(None)
+#: Channels named on a disconnect span; past that only the count grows (a peer may be in
+#: MAX_CHANNELS_PER_PEER channels, and every attribute is paid for when encoding).
+SPAN_CHANNELS = 16
 
 
 def delivered(actions: list[Action]) -> int:
     """Peers the actions deliver to (a span attribute)."""
     return sum(len(a.peers) for a in actions if isinstance(a, Deliver))
+
+
+def published_channels(actions: list[Action]) -> tuple[tuple[str, ...], int]:
+    """The first SPAN_CHANNELS channels the actions publish to, in order, and how many
+    there are in all (span attributes)."""
+    channels = list(dict.fromkeys(a.sig.c for a in actions if isinstance(a, Publish)))
+    return tuple(channels[:SPAN_CHANNELS]), len(channels)
 
 
 class Hops:
@@ -112,12 +122,16 @@ class Hops:
             "prscd.op": sig.op or sig.t, "prscd.peer.id": sig.p or ""},
             parent=self.tracing.extract(event.message.headers))
 
-    def disconnect(self, peer: Peer) -> AbstractContextManager[Span]:
+    def disconnect(self, peer: Peer, actions: list[Action]) -> AbstractContextManager[Span]:
+        """Around a peer's offline ``actions``: one publish per channel, each under this
+        span's context, so the span names them all (bounded): ``prscd.channels`` and
+        ``prscd.channel_count``; a subject follows from app, channel and node."""
         if not self.on:
             return _OFF
+        channels, count = published_channels(actions)
         return self.tracing.span("prscd.disconnect", SERVER, {
             "prscd.transport": peer.transport, "prscd.peer.id": peer.client_id,
-            "prscd.app": peer.app})
+            "prscd.app": peer.app, "prscd.channels": channels, "prscd.channel_count": count})
 
     def node_down(self, node: str, why: str) -> AbstractContextManager[Span]:
         if not self.on:

@@ -410,7 +410,7 @@ class Node:
             self._spawn(self._offline(peer, actions))
 
     async def _offline(self, peer: Peer, actions: list[Action]) -> None:
-        with self.hops.disconnect(peer):
+        with self.hops.disconnect(peer, actions):
             await self._execute(actions)
 
     def _spawn(self, coro: Any) -> None:

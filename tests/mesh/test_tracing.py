@@ -16,8 +16,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from node.hops import SPAN_CHANNELS
 from tests.conftest import NodeFactory, RunningNode
-from tests.helpers import control, data_frame, joined, recv
+from tests.helpers import control, data_frame, join_frame, joined, recv
 from tests.mesh_helpers import NatsServer, wait_until
 
 
@@ -147,6 +148,40 @@ async def test_defaults_trace_every_join_across_three_nodes_and_sample_data(
     await alice.close()
     for w in watchers:
         await w.close()
+
+
+async def test_a_disconnect_span_names_every_channel_bounded(
+        node_factory: NodeFactory, nats_server: NatsServer) -> None:
+    """A peer in 20 channels leaves: its disconnect span names the first SPAN_CHANNELS of
+    them and counts all 20; the offline of each channel another node listens to reaches
+    it in that trace."""
+    exp_eu, exp_us = InMemorySpanExporter(), InMemorySpanExporter()
+    eu, us = await two_regions(node_factory, nats_server,
+                               eu={"span_exporter": exp_eu}, us={"span_exporter": exp_us})
+    names = [f"c{i:02d}" for i in range(20)]
+    alice = await joined(eu, names[0], "alice")
+    for name in names[1:]:
+        await alice.send(join_frame(name, "alice"))
+        assert (await recv(alice))["c"] == name
+    listened = names[::7]  # c00, c07, c14: one past the first SPAN_CHANNELS
+    # A join's ack follows its subscription on the server (node/server.py _execute).
+    bobs = [await joined(us, name, f"bob{i}") for i, name in enumerate(listened)]
+    await alice.close()
+    for bob in bobs:
+        while (await recv(bob))["op"] != "peer_offline":
+            pass
+    eu.node.tracing.flush()
+    us.node.tracing.flush()
+    [gone] = by_name(list(exp_eu.get_finished_spans()), "prscd.disconnect",
+                     **{"prscd.peer.id": "alice"})
+    assert gone.attributes["prscd.channels"] == tuple(names[:SPAN_CHANNELS])
+    assert gone.attributes["prscd.channel_count"] == 20
+    arrived = [s for s in by_name(list(exp_us.get_finished_spans()), "stream_function.receive",
+                                  **{"prscd.op": "peer_offline"})
+               if s.context.trace_id == gone.context.trace_id]
+    assert sorted(s.attributes["prscd.channel"] for s in arrived) == listened
+    for bob in bobs:
+        await bob.close()
 
 
 async def test_data_ratio_samples_about_that_share(node_factory: NodeFactory) -> None:
