@@ -15,8 +15,24 @@ peers of the baseline are TLS ``bench/wsclient.py`` peers):
   large Python objects take) and each connection's own objects by attribute (the objects
   reachable from one connection and from no other: its unique deep size).
 
-``python -m bench.wt_memory [--peers 500] [--rounds 3] [--only rss,where]`` prints JSON;
-``python -m bench --only wt_memory`` runs it into results.json.
+* ``steps``: one ``prscd`` per round and transport, its peers added in steps (1, 10, 50,
+  100, 200, 500) and its memory read at each (``/proc/<pid>/status``: RSS, and its
+  anonymous and file-backed parts). Why: RSS per peer from a fresh node, ``rss`` at 100
+  peers, was 55.9 KiB against 38.4 at 500. The first WebTransport peer costs ~1.1 MiB
+  once, nearly all of it file-backed: the code pages of pylsqpack's and cryptography's
+  native libraries (``_binding.abi3.so``, ``_rust.abi3.so``) read in on their first use
+  (``first_peer_by_mapping``, from ``/proc/<pid>/smaps``), shared, not the peer's; a
+  WebSocket peer's first costs ~0.3 MiB (libcrypto's). Spread over 100 peers that is 11
+  KiB each, over 500 two. So each case reports the first peer's cost apart
+  (``first_peer_kib``) and the cost of every further peer, measured, not assumed:
+  ``slope_kib_per_peer[n]`` = (RSS at n - RSS at 1) / (n - 1), the same for anonymous
+  memory alone (``anon_slope_kib_per_peer``), and between steps (``step_kib_per_peer``).
+  The slope keeps what a burst of handshakes leaves (peers connect 16 at a time per
+  client process, two processes): freed handshake memory the heap keeps. The goal
+  (``met``) is the WebTransport slope at 100 and at 500 peers (and ``rss`` at N).
+
+``python -m bench.wt_memory [--peers 500] [--rounds 3] [--only rss,steps,where]`` prints
+JSON; ``python -m bench --only wt_memory`` runs it into results.json.
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import argparse
 import asyncio
 import ctypes
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -105,6 +122,113 @@ def rss(log_dir: Path, *, peers: int = 500, rounds: int = 3, settle: float = 2.0
         out["met"] = per["webtransport"] <= TARGET_KIB
         if per.get("websocket"):
             out["ratio"] = per["webtransport"] / per["websocket"]
+    return out
+
+
+# -- steps: one node, its peers added in steps ------------------------------------------
+
+#: Peers in the node at each reading of ``steps`` (up to ``peers``).
+STEPS = (1, 10, 50, 100, 200, 500)
+_STATUS = {"VmRSS": "rss_kib", "RssAnon": "anon_kib", "RssFile": "file_kib"}
+
+
+def memory(pid: int) -> dict[str, int]:
+    """RSS of a process and its anonymous and file-backed parts, from /proc (KiB)."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in _STATUS:
+                out[_STATUS[key]] = int(value.split()[0])
+    return out
+
+
+def mappings(pid: int) -> Counter[str]:
+    """Resident KiB per mapped file (``[heap]``, ``[anon]``, a library's name)."""
+    out: Counter[str] = Counter()
+    name = ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                name = head[5].strip().rsplit("/", 1)[-1] if len(head) > 5 else "[anon]"
+            elif head[0] == "Rss:":
+                out[name] += int(head[1])
+    return out
+
+
+def steps_round(pool: Pool, log_dir: Path, transport: str, counts: tuple[int, ...],
+                tag: str, settle: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    server = start_node(log_dir, tls=True, name=f"prscd-steps-{transport}", port=free_port(),
+                        env={"WEBTRANSPORT": "true", **IDLE, **(env or {})})
+    try:
+        time.sleep(0.5)
+        readings = [{"peers": 0, **memory(server.pid)}]
+        maps0 = mappings(server.pid)
+        first: dict[str, int] = {}
+        have = 0
+        for n in counts:
+            _connect(pool, server.port, transport, [f"{tag}-{i}" for i in range(have, n)])
+            have = n
+            time.sleep(settle)
+            readings.append({"peers": n, **memory(server.pid)})
+            if not first:  # what the first peer(s) made resident, by mapping
+                grown = mappings(server.pid)
+                grown.subtract(maps0)
+                first = {k: v for k, v in grown.most_common() if v >= 16}
+        still = sum(c["open"] for c in pool.call_all("open_count"))
+    finally:
+        pool.call_all("close_all")
+        server.stop()
+    return {"readings": readings, "open": still, "first_peer_by_mapping": first}
+
+
+def step_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds of the first peer's cost and the per-peer slopes after it."""
+    counts = [r["peers"] for r in rounds[0]["readings"]]
+    first = counts[1]
+    values: dict[tuple[str, str], list[float]] = {}
+
+    def add(key: str, at: str, value: float) -> None:
+        values.setdefault((key, at), []).append(value)
+
+    for x in rounds:
+        got = {r["peers"]: r for r in x["readings"]}
+        for part in ("rss", "file", "anon"):
+            add(f"first_peer{'' if part == 'rss' else '_' + part}_kib", "",
+                got[first][f"{part}_kib"] - got[0][f"{part}_kib"])
+        for prev, n in itertools.pairwise(counts[1:]):
+            add("kib_per_peer", str(n), (got[n]["rss_kib"] - got[0]["rss_kib"]) / n)
+            for key, part in (("slope_kib_per_peer", "rss"), ("anon_slope_kib_per_peer", "anon")):
+                add(key, str(n), (got[n][f"{part}_kib"] - got[first][f"{part}_kib"]) / (n - first))
+            add("step_kib_per_peer", f"{prev}-{n}",
+                (got[n]["rss_kib"] - got[prev]["rss_kib"]) / (n - prev))
+    out: dict[str, Any] = {}
+    for (key, at), vs in values.items():
+        if at:
+            out.setdefault(key, {})[at] = statistics.median(vs)
+        else:
+            out[key] = statistics.median(vs)
+    return out
+
+
+def steps(log_dir: Path, *, peers: int = 500, rounds: int = 3, settle: float = 2.0,
+          workers: int = 2, cases: tuple[Case, ...] = CASES) -> dict[str, Any]:
+    counts = (*(c for c in STEPS if c < peers), peers)
+    detail: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in cases}
+    with Pool(workers, uvloop=False) as pool:
+        for r in range(rounds):
+            for name, transport, env in cases[r % len(cases):] + cases[:r % len(cases)]:
+                detail[name].append(steps_round(pool, log_dir, transport, counts,
+                                                f"s{name[:3]}{r}", settle, env))
+    out: dict[str, Any] = {"peers": list(counts), "rounds": rounds, "settle_s": settle,
+                           "target_kib": TARGET_KIB, "detail": detail}
+    for name, _, _ in cases:
+        out[name] = step_summary(detail[name])
+    if "webtransport" in out:
+        slopes = out["webtransport"]["slope_kib_per_peer"]
+        judged = {n: slopes[n] for n in ("100", str(peers)) if n in slopes}
+        out["met"] = all(v <= TARGET_KIB for v in judged.values())
     return out
 
 
@@ -293,16 +417,20 @@ def where(*, peers: int = 500, frames: int = 25, settle: float = 2.0, workers: i
 
 
 def run(log_dir: Path, *, peers: int = 500, rounds: int = 3,
-        only: Iterable[str] = ("rss", "where"), before: Path | None = None,
+        only: Iterable[str] = ("rss", "steps", "where"), before: Path | None = None,
         age: float = 0.0, where_peers: int = 200) -> dict[str, Any]:
-    """``where`` with fewer peers: handshakes under tracemalloc are slow."""
+    """``where`` with fewer peers: handshakes under tracemalloc are slow. ``met``: every
+    goal measured is met (``rss`` at N, the ``steps`` slopes at 100 and N)."""
     todo = set(only)
     out: dict[str, Any] = {}
+    cases = CASES if before is None else (
+        *CASES, ("webtransport_before", "webtransport", {"PYTHONPATH": str(before)}))
     if "rss" in todo:
-        cases = CASES if before is None else (
-            *CASES, ("webtransport_before", "webtransport", {"PYTHONPATH": str(before)}))
         out["rss"] = rss(log_dir, peers=peers, rounds=rounds, cases=cases, age=age)
         out.update({k: out["rss"][k] for k in ("met", "ratio") if k in out["rss"]})
+    if "steps" in todo:
+        out["steps"] = steps(log_dir, peers=peers, rounds=rounds, cases=cases)
+        out["met"] = out.get("met", True) and out["steps"]["met"]
     if "where" in todo:
         out["where"] = where(peers=min(peers, where_peers))
     return out
@@ -319,6 +447,29 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     f"{ws:.1f} KiB (WebSocket, TLS)" if ws else "-",
                     f"{m['ratio']:.1f}x" if m.get("ratio") else "-",
                     f"<= {TARGET_KIB} KiB ({'met' if m['met'] else 'MISSED'})"))
+    if "steps" in r:
+        st = r["steps"]
+        wt, ws = st["webtransport"], st.get("websocket")
+        at = [n for n in ("100", str(st["peers"][-1])) if n in wt["slope_kib_per_peer"]]
+        at = list(dict.fromkeys(at))
+
+        def slopes(case: dict[str, Any]) -> str:
+            return " / ".join(f"{case['slope_kib_per_peer'][n]:.1f}" for n in at)
+
+        def first(case: dict[str, Any]) -> str:
+            return (f"first peer {case['first_peer_kib']:.0f} KiB once, "
+                    f"{case['first_peer_file_kib']:.0f} of it code pages")
+
+        last = at[-1] if at else None
+        ratio = (wt["slope_kib_per_peer"][last] / ws["slope_kib_per_peer"][last]
+                 if ws and last and ws["slope_kib_per_peer"][last] else None)
+        out.append((f"WebTransport idle memory, one node from 0 to {st['peers'][-1]} peers "
+                    f"(median of {st['rounds']}): RSS per peer after the first, at "
+                    f"{' / '.join(at)} peers",
+                    f"{slopes(wt)} KiB ({first(wt)})",
+                    f"{slopes(ws)} KiB ({first(ws)}) (WebSocket, TLS)" if ws else "-",
+                    f"{ratio:.1f}x" if ratio else "-",
+                    f"<= {TARGET_KIB} KiB ({'met' if st['met'] else 'MISSED'})"))
     if "where" in r:
         w = r["where"]
         top = ", ".join(f"{k} {v / 1024:.1f}" for k, v in
@@ -334,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peers", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", default="rss,where")
+    p.add_argument("--only", default="rss,steps,where")
     p.add_argument("--age", type=float, default=0.0,
                    help="seconds idle before a second RSS reading (past the 30 s heap trim)")
     p.add_argument("--before", type=Path, default=None,
