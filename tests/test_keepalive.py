@@ -15,7 +15,8 @@ from websockets.protocol import State
 
 from node.presence import Peer
 from node.protocol import Fault
-from node.transports.websocket import Keepalive, WebSocketLink
+from node.transports.websocket import WebSocketLink
+from node.transports.ws_keepalive import Keepalive
 from tests.mesh_helpers import wait_until
 
 pytestmark = pytest.mark.unit

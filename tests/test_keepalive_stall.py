@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from node.transports.websocket import Keepalive
+from node.transports.ws_keepalive import Keepalive
 from tests.mesh_helpers import wait_until
 from tests.test_keepalive import FakePeers, link
 
