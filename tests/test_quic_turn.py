@@ -15,17 +15,20 @@ from aioquic import tls
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import CRYPTO_BUFFER_SIZE, QuicConnection
 from aioquic.quic.events import ProtocolNegotiated
 from aioquic.quic.recovery import QuicPacketNumberWindow
 from aioquic.tls import Epoch
 
 from node.tls import ensure_certificate
+from node.transports import quic_turn
 from node.transports.quic_turn import (
     ATTRIBUTES,
+    HANDSHAKE_FLIGHT_ROOM,
     HOST_CONNECTION_IDS,
     PEER_CONNECTION_IDS,
     POST_HANDSHAKE_CRYPTO_BUFFER,
+    SMALL_FLIGHT,
     UNUSED_RECEIVER,
     UNUSED_SENDER,
     BoundedFifo,
@@ -34,6 +37,7 @@ from node.transports.quic_turn import (
     ServerTlsDone,
     SlimH3Connection,
     after_handshake,
+    crypto_buffer_size,
     free_handshake_buffers,
     nothing_to_send,
     slim_connection,
@@ -164,11 +168,63 @@ def test_a_tls_message_after_the_handshake_is_an_alert_not_a_write(pair: Pair) -
 
 def test_not_freed_before_the_handshake_is_confirmed(tmp_path: Path) -> None:
     p = Pair(tmp_path)
-    for data, _ in p.client.datagrams_to_send(now=p.now):  # the client's first flight only
-        p.server.receive_datagram(data, CLIENT, now=p.now)
+    first_flight(p)
     assert len(p.server._crypto_buffers) == 3 and not p.server._handshake_confirmed
     assert not free_handshake_buffers(p.server)
     assert len(p.server._crypto_buffers) == 3
+
+
+def first_flight(p: Pair) -> None:
+    for data, _ in p.client.datagrams_to_send(now=p.now):  # the client's first flight only
+        p.server.receive_datagram(data, CLIENT, now=p.now)
+
+
+def test_a_servers_crypto_buffers_are_sized_to_its_certificate(tmp_path: Path) -> None:
+    p = Pair(tmp_path)
+    first_flight(p)
+    config = p.server._configuration
+    sizes = {e: crypto_buffer_size(config, e) for e in (Epoch.INITIAL, Epoch.HANDSHAKE,
+                                                          Epoch.ONE_RTT)}
+    assert sizes[Epoch.HANDSHAKE] < CRYPTO_BUFFER_SIZE / 2  # the node's certificate: small
+    assert sizes[Epoch.INITIAL] == sizes[Epoch.ONE_RTT] == SMALL_FLIGHT
+    # aioquic's _initialize made the three (nothing written yet) and only those.
+    assert {e: b.capacity for e, b in p.server._crypto_buffers.items()} == sizes
+    assert {b.capacity for b in p.client._crypto_buffers.values()} == {CRYPTO_BUFFER_SIZE}
+    p.exchange()
+    assert p.server._handshake_confirmed and p.client._handshake_confirmed
+
+
+def test_each_flight_fits_its_buffer_with_room(tmp_path: Path) -> None:
+    """Session tickets on (a NewSessionTicket in ONE_RTT): what the server wrote in each
+    epoch (its crypto stream's length) is at most half its buffer."""
+    p = Pair(tmp_path)
+    tickets: list[tls.SessionTicket] = []
+    p.client = QuicConnection(configuration=p.client._configuration,
+                              session_ticket_handler=tickets.append)
+    p.server = QuicConnection(configuration=p.server._configuration,
+                              original_destination_connection_id=
+                              p.client.original_destination_connection_id,
+                              session_ticket_handler=tickets.append)
+    p.client.connect(SERVER, now=p.now)
+    p.exchange()
+    assert len(tickets) == 2  # issued by the server, received by the client
+    for epoch in (Epoch.INITIAL, Epoch.HANDSHAKE, Epoch.ONE_RTT):
+        written = p.server._crypto_streams[epoch].sender.highest_offset
+        assert 0 < written * 2 <= crypto_buffer_size(p.server._configuration, epoch), epoch
+
+
+def test_a_chain_longer_than_aioquics_buffer_still_fits(tmp_path: Path) -> None:
+    """60 copies of the certificate in the chain: the HANDSHAKE flight is more than
+    aioquic's 16 KiB (its own buffer would raise BufferWriteError), here it is sized."""
+    p = Pair(tmp_path)
+    config = p.server._configuration
+    config.certificate_chain = [config.certificate] * 60
+    assert crypto_buffer_size(config, Epoch.HANDSHAKE) > CRYPTO_BUFFER_SIZE + HANDSHAKE_FLIGHT_ROOM
+    first_flight(p)
+    assert p.server._crypto_streams[Epoch.HANDSHAKE].sender._buffer  # the flight, written
+    p.exchange(steps=60)
+    assert p.server._handshake_confirmed and p.client._handshake_confirmed
+    assert len(p.client.tls._peer_certificate_chain) == 60
 
 
 # -- what an idle connection keeps (slim_connection, after_handshake, SlimH3Connection) ----
@@ -357,13 +413,18 @@ def test_fifo_is_the_deque_aioquic_uses() -> None:
     assert not bounded
 
 
-def test_slim_server_connection_memory(tmp_path: Path) -> None:
+def test_slim_server_connection_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                       ) -> None:
     """What one idle server connection with a session keeps (Python objects), slimmed
-    and not; measured 56.7 KB and 27.3 KB with aioquic 1.7 (bench/wt_memory.py)."""
+    and not (aioquic's own _initialize: 16 KiB crypto buffers); measured 56.7 KB and
+    27.3 KB with aioquic 1.7 (bench/wt_memory.py)."""
 
     def kept(pair_type: type[Pair]) -> int:
-        pair = pair_type(tmp_path)
-        pair.exchange()
+        with monkeypatch.context() as patch:
+            if pair_type is Pair:
+                patch.setattr(QuicConnection, "_initialize", quic_turn._AIOQUIC_INITIALIZE)
+            pair = pair_type(tmp_path)
+            pair.exchange()  # the server's _initialize: on its first packet
         if isinstance(pair, SlimPair):
             pair.respond(pair.request(b"/v1"))
         gc.collect()

@@ -13,7 +13,9 @@ two thirds of the node's CPU went to building packets, much of it building nothi
 * :func:`nothing_to_send`: whether ``datagrams_to_send()`` would build no packet, read
   from aioquic's state; a turn's flush then skips the packet builder.
 * :func:`free_handshake_buffers`: the three 16 KiB crypto buffers that aioquic keeps for
-  the connection's life.
+  the connection's life; and :func:`crypto_buffer_size`: a server's are made only as
+  large as its certificate chain needs (freed 16 KiB buffers of the handshakes in flight
+  stayed in the heap: bench/wt_memory.py, ``steps``).
 * :func:`slim_connection` and :func:`after_handshake`: the rest of what an idle
   connection kept for nothing (bench/wt_memory.py measures it; docs/performance.md):
   the frame-handler table built per connection, eight connection ids each way, the
@@ -37,12 +39,14 @@ from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.h3.connection import H3Connection
 from aioquic.h3.events import H3Event
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import CRYPTO_BUFFER_SIZE, QuicConnection
 from aioquic.quic.crypto import CryptoPair, NoCallback
 from aioquic.quic.events import QuicEvent, StreamDataReceived
 from aioquic.quic.recovery import QuicPacketNumberWindow, QuicPacketSpace
 from aioquic.quic.stream import QuicStream, QuicStreamReceiver, QuicStreamSender
 from aioquic.tls import Epoch, State
+from cryptography.hazmat.primitives.serialization import Encoding
 
 #: What is left of a server's ONE_RTT crypto buffer once the handshake is confirmed.
 POST_HANDSHAKE_CRYPTO_BUFFER = 256
@@ -130,6 +134,47 @@ def free_handshake_buffers(quic: QuicConnection) -> bool:
             and quic.tls.state == State.SERVER_POST_HANDSHAKE):
         buffers[Epoch.ONE_RTT] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
     return True
+
+
+#: What a server's TLS writes in its HANDSHAKE flight besides its certificates, at most:
+#: EncryptedExtensions with the transport parameters and ALPN, the Certificate message's
+#: framing, a CertificateVerify (a 512-byte signature for RSA 4096) and Finished. About
+#: 1.5 KiB; twice that.
+HANDSHAKE_FLIGHT_ROOM = 4096
+#: And in its INITIAL and ONE_RTT ones: a ServerHello or HelloRetryRequest (under 256
+#: bytes: aioquic 1.7 has no post-quantum key share), a NewSessionTicket (~100 bytes).
+SMALL_FLIGHT = 1024
+
+
+def crypto_buffer_size(configuration: QuicConfiguration, epoch: Epoch) -> int:
+    """Capacity of a server connection's crypto buffer for ``epoch``: what one flight of
+    its TLS writes there, with room. aioquic makes each 16 KiB, whatever the chain; they
+    live through the handshake, and with 32 handshakes in flight the freed buffers left
+    ~1.4 MiB of holes in the heap that 100 idle peers never filled (bench/wt_memory.py).
+    aioquic's size when there is no certificate to measure."""
+    if configuration.certificate is None:
+        return CRYPTO_BUFFER_SIZE
+    if epoch != Epoch.HANDSHAKE:
+        return SMALL_FLIGHT
+    chain = [configuration.certificate, *configuration.certificate_chain]
+    return sum(len(cert.public_bytes(Encoding.DER)) for cert in chain) + HANDSHAKE_FLIGHT_ROOM
+
+
+_AIOQUIC_INITIALIZE = QuicConnection._initialize
+
+
+def _initialize(self: QuicConnection, peer_cid: bytes) -> None:
+    """aioquic's ``_initialize`` (a server's, on its first packet; nothing written to the
+    buffers yet), then a server's crypto buffers made as :func:`crypto_buffer_size` says.
+    On the class, not the instance: an 86th attribute doubles the connection's dict."""
+    _AIOQUIC_INITIALIZE(self, peer_cid)
+    if not self._is_client:
+        config = self._configuration
+        self._crypto_buffers = {epoch: Buffer(capacity=crypto_buffer_size(config, epoch))
+                                for epoch in self._crypto_buffers}
+
+
+QuicConnection._initialize = _initialize  # type: ignore[method-assign]
 
 
 #: Connection ids the node issues to a peer: the one of the handshake and one spare, so
@@ -489,4 +534,5 @@ ATTRIBUTES: tuple[str, ...] = (
     "_crypto_streams", "_streams", "_crypto_buffers", "tls", "_cryptos", "_cryptos_initial",
     "_loss", "_local_active_connection_id_limit", "_remote_active_connection_id_limit",
     "_QuicConnection__frame_handlers", "_events", "_datagrams_pending", "_quic_logger",
+    "_initialize", "_is_client", "_configuration",
 )
