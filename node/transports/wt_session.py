@@ -106,6 +106,11 @@ class SessionIO(Protocol):
 
     def forget(self, session_id: int) -> None: ...
 
+    def closed_by_node(self, session_id: int) -> None:
+        """The node closed this session (its capsule is on its way): the connection
+        reads no more for it and is closed soon after."""
+        ...
+
 
 def encode_capsule(capsule_type: int, payload: bytes) -> bytes:
     return encode_uint_var(capsule_type) + encode_uint_var(len(payload)) + payload
@@ -261,6 +266,13 @@ class Inbox:
             self._head = 0
         return item
 
+    def drop(self) -> int:
+        """Forget the frames waiting; returns how many."""
+        waiting = len(self._items) - self._head
+        self._items.clear()
+        self._head = 0
+        return waiting
+
 
 class WebTransportSession:
     """One session on one QUIC connection, and the node's Link to its peer.
@@ -326,7 +338,12 @@ class WebTransportSession:
         capsule = encode_close_capsule(code, reason)
         self._end_connect_stream(capsule)
         self.io.schedule_transmit()
+        # As on WebSocket: what it sent that the node has not handled yet is dropped, not
+        # handed to the node one by one (up to MAX_INBOX frames of a flood).
+        if waiting := self._inbox.drop():
+            self.peers.count_drop("after_close", waiting)
         self.end(f"closed by server code={code} reason={reason[:120]!r}", code=code)
+        self.io.closed_by_node(self.session_id)
 
     # -- events from the connection -----------------------------------------
 
