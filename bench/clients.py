@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl as _ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -18,6 +17,7 @@ from typing import Any
 import msgpack
 
 from bench.wsclient import WSPeer, client_frame
+from testkit.net import insecure
 
 
 def pack(obj: Any) -> bytes:
@@ -53,13 +53,6 @@ def data_frame(channel: str, size: int, event: str = "m", stamp: int | None = No
     return frame
 
 
-def client_ssl() -> _ssl.SSLContext:
-    ctx = _ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = _ssl.CERT_NONE
-    return ctx
-
-
 class WorkerState:
     def __init__(self, index: int) -> None:
         self.index = index
@@ -91,7 +84,7 @@ async def _open(state: WorkerState, port: int, ids: list[str], *, tls: bool,
                 sources: list[str], concurrency: int, channel: str | None,
                 channels: int = 0, host: str = "127.0.0.1") -> tuple[list[WSPeer], list[str]]:
     """Connect (and join ``channel``, waiting for the ack) ``ids``; returns peers and errors."""
-    ctx = client_ssl() if tls else None
+    ctx = insecure() if tls else None
     sem = asyncio.Semaphore(concurrency)
     errors: list[str] = []
     peers: list[WSPeer | None] = [None] * len(ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,14 +49,6 @@ class RunningNode:
 def dev_cert(tmp_path_factory: pytest.TempPathFactory) -> CertInfo:
     """One generated dev certificate for the whole run (as a laptop would have)."""
     return ensure_certificate("", "", Path(tmp_path_factory.mktemp("certs")))
-
-
-@pytest.fixture
-def client_ssl() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 NodeFactory = Callable[..., Awaitable[RunningNode]]

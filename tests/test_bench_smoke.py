@@ -15,11 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def quick(name: str, out: Path) -> dict:
+def quick(name: str, out: Path, timeout: float = 110) -> dict:
     """``python -m bench --only NAME --quick``: exit 0; the whole results.json."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--only", name, "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
@@ -97,3 +97,24 @@ def test_tracing_benchmark_measures_off_defaults_and_every_message(tmp_path: Pat
     assert tr["spans_per_message"]["defaults"] < 0.1, tr["spans_per_message"]
     assert tr["ratio"] > 0 and tr["ratio_all"] > 0
     assert "tracing every message" in (tmp_path / "results.md").read_text()
+
+
+def test_hostile_benchmark_runs_every_attack_and_the_node_closes_the_refused(
+        tmp_path: Path) -> None:
+    """Every attack ran against the node (an attacker within the limits that the node
+    closed would have measured nothing: the bench raises), the probe measured each phase,
+    and each refused attacker was closed (the 2 s goal itself is the full run's)."""
+    from bench.hostile import REFUSED, WITHIN_LIMITS
+
+    hostile = quick("hostile", tmp_path, timeout=240)["hostile"]  # (~55 s here)
+    assert "error" not in hostile, hostile
+    assert set(hostile["attacks"]) == set(WITHIN_LIMITS + REFUSED)
+    for name, attack in hostile["attacks"].items():
+        assert attack["quiet_p99_ms"] > 0 and attack["attack_p99_ms"] > 0, name
+        if name in REFUSED:
+            assert all(c is not None for c in attack["closed_after_s"]), (name, attack)
+        else:
+            assert attack["decoy_p99_ms"] > 0, name
+    assert hostile["attacks"]["payload_1000"]["phases"]["attack"][0]["sent"] > 100
+    assert hostile["attacks"]["half_open"]["phases"]["attack"][0]["connections"] == 300
+    assert "hostile `half_open`" in (tmp_path / "results.md").read_text()
