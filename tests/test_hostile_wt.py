@@ -125,6 +125,19 @@ def connection_of(node: RunningNode, client_id: str) -> H3Protocol:
     raise AssertionError(f"no WebTransport connection for {client_id}")
 
 
+def count_handled(node: RunningNode) -> Counter[str]:
+    """Frames handed to the node (Peers.receive), by client id."""
+    handled: Counter[str] = Counter()
+    receive = node.node.receive
+
+    async def counting(peer: Peer, frame: bytes) -> None:
+        handled[peer.client_id] += 1
+        await receive(peer, frame)
+
+    node.node.receive = counting  # type: ignore[method-assign]
+    return handled
+
+
 async def test_a_webtransport_peer_closed_for_a_flood_stops_costing_the_node(
         node_factory: NodeFactory) -> None:
     """Closed 1008; then nothing it sends reaches a frame handler or is even decrypted, its
@@ -137,14 +150,7 @@ async def test_a_webtransport_peer_closed_for_a_flood_stops_costing_the_node(
     bystander.send_stream(join_frame("room", "bystander"))  # reliable: answered on a stream
     await bystander.next_message(match=lambda m: m.get("op") == "channel_join")
 
-    handled: Counter[str] = Counter()
-    receive = node.node.receive
-
-    async def counting(peer: Peer, frame: bytes) -> None:
-        handled[peer.client_id] += 1
-        await receive(peer, frame)
-
-    node.node.receive = counting  # type: ignore[method-assign]
+    handled = count_handled(node)
     flooder = FloodThread(node.port)
     flooder.start()
     try:
@@ -197,5 +203,59 @@ async def test_a_webtransport_peer_closed_for_a_flood_stops_costing_the_node(
         flooder.stop = True
         flooder.join(10)
         await close_client(bystander)
+    await still_served(node)
+    await sender.close()
+
+
+async def test_a_stream_flood_is_dropped_unhandled_and_its_connection_ends_every_session(
+        node_factory: NodeFactory) -> None:
+    """Frames already waiting when the node closes a session are dropped, not handled one by
+    one (after_close). One connection is one client: its other session is still served
+    during the grace, then ends with the connection."""
+    node = await node_factory(RATE_LIMIT="10", RATE_BURST="10")
+    sender = await joined(node, "room", "sender")
+    handled = count_handled(node)
+    client = await open_client(node.port)
+    try:
+        a = client.connect_session("/v1?publickey=k&id=a")
+        await client.until(lambda: client.status == 200, 5, "session a")
+        client.status = None
+        b = client.connect_session("/v1?publickey=k&id=b")
+        await client.until(lambda: client.status == 200, 5, "session b")
+        client.send_datagram(join_frame("room", "b"))
+        await client.next_message(match=lambda m: m.get("op") == "channel_join")
+        stream = client.h3.create_webtransport_stream(a, is_unidirectional=True)
+        client._quic.send_stream_data(stream, join_frame("room", "a"))
+        client.transmit()
+        await client.next_message(match=lambda m: m.get("op") == "channel_join")
+        conn = connection_of(node, "a")
+        session_a, session_b = conn.sessions[a], conn.sessions[b]
+
+        # 30 frames in one packet: all waiting at once; the close comes after about 20
+        # (the burst, then as many dropped); the rest are never handed to the node.
+        frame = data_frame("room", "f", "1")
+        assert len(frame) * 30 < 1100
+        client._quic.send_stream_data(stream, frame * 30)
+        client.transmit()
+        await wait_until(lambda: session_a.closed, 5, "a closed")
+        closed_at = time.monotonic()
+        assert session_a.code == 1008
+        dropped = node.node.presence.dropped
+        assert dropped["rate_flood"] == 1
+        assert handled["a"] <= 1 + 25, handled  # the join, the burst, the drops
+        assert handled["a"] + dropped["after_close"] == 31, (handled, dropped)
+
+        await sender.send(data_frame("room", "tick", '"1"'))  # b: still served
+        got = await client.next_message(match=lambda m: m.get("p") == "sender")
+        assert got["t"] == "data"
+        await wait_until(lambda: conn.terminated, FAULT_GRACE + 1.0, "the connection closed")
+        assert time.monotonic() - closed_at >= FAULT_GRACE - 0.1
+        assert session_b.closed and session_b.code == H3_NO_ERROR
+        await wait_until(lambda: not any(p.client_id in ("a", "b")
+                                         for p in node.node.presence.peers.values()),
+                         5, "both peers gone")
+        await client.until(lambda: client.terminated is not None, 5, "CONNECTION_CLOSE")
+    finally:
+        await close_client(client)
     await still_served(node)
     await sender.close()
