@@ -305,3 +305,44 @@ async def wt_connect(port: int, path: str | None = None, *, host: str = "127.0.0
         yield client
     finally:
         await close_client(client)
+
+
+class ReplayingClient(WTClient):
+    """A client that can flood on past its close, as an attacker ignoring it would: it
+    keeps its last short-header (1-RTT) packets and sends them again raw, with no
+    congestion control and no regard for a CONNECTION_CLOSE (tests/test_hostile_wt.py,
+    bench/wt_after_close.py)."""
+
+    KEPT = 100
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.packets = 0  # sent, by aioquic or again
+        self._recent: list[bytes] = []
+        self._addr: Any = None
+        self._send_raw: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        send_raw = self._send_raw = transport.sendto
+
+        def sendto(data: bytes, addr: Any = None) -> None:
+            self.packets += 1
+            self._addr = addr
+            if not data[0] & 0x80:
+                self._recent.append(data)
+                del self._recent[:-self.KEPT]
+            send_raw(data, addr)
+
+        transport.sendto = sendto
+
+    def replay(self, count: int, *, connection_id: bytes | None = None) -> int:
+        """Send the last ``count`` kept packets again (with another destination connection
+        id of the same length when given); returns how many were sent."""
+        packets = self._recent[-count:]
+        for packet in packets:
+            if connection_id is not None:
+                packet = packet[:1] + connection_id + packet[1 + len(connection_id):]
+            self._send_raw(packet, self._addr)
+        self.packets += len(packets)
+        return len(packets)

@@ -17,7 +17,7 @@ from typing import Any
 
 from node.presence import Peer
 from node.transports.webtransport import FAULT_GRACE, H3_NO_ERROR, H3Protocol
-from testkit.wt_client import WTClient, close_client, open_client
+from testkit.wt_client import ReplayingClient, close_client, open_client
 from tests.conftest import NodeFactory, RunningNode
 from tests.helpers import data_frame, join_frame, joined, still_served
 from tests.mesh_helpers import wait_until
@@ -33,31 +33,6 @@ POST_CLOSE = 4.0
 MAX_US_PER_PACKET = 50.0
 
 
-class Flooder(WTClient):
-    """Keeps its last short-header (1-RTT) packets, to send them again raw."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.packets = 0
-        self.recent: list[bytes] = []
-        self.addr: Any = None
-        self.raw_send: Any = None
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        raw_send = self.raw_send = transport.sendto
-
-        def sendto(data: bytes, addr: Any = None) -> None:
-            self.packets += 1
-            self.addr = addr
-            if not data[0] & 0x80:
-                self.recent.append(data)
-                del self.recent[:-100]
-            raw_send(data, addr)
-
-        transport.sendto = sendto
-
-
 class FloodThread(threading.Thread):
     """Join, flood data frames until the close capsule, then POST_CLOSE seconds more."""
 
@@ -69,7 +44,7 @@ class FloodThread(threading.Thread):
         self.closed = threading.Event()
         self.done = threading.Event()
         self.stop = False
-        self.client: Flooder | None = None
+        self.client: ReplayingClient | None = None
         self.sent_after_close = 0
         self.error: BaseException | None = None
 
@@ -83,7 +58,7 @@ class FloodThread(threading.Thread):
             self.closed.set()
             self.done.set()
 
-    def _flood(self, wt: Flooder, frame: bytes) -> None:
+    def _flood(self, wt: ReplayingClient, frame: bytes) -> None:
         if wt.terminated is None:
             for _ in range(20):
                 wt.h3.send_datagram(wt.session_id, frame)
@@ -91,7 +66,7 @@ class FloodThread(threading.Thread):
 
     async def _main(self) -> None:
         wt = self.client = await open_client(self.port, "/v1?publickey=k&id=flooder",
-                                             client_class=Flooder)
+                                             client_class=ReplayingClient)
         try:
             wt.send_datagram(join_frame("room", "flooder"))
             await wt.next_message(match=lambda m: m.get("op") == "channel_join")
@@ -104,15 +79,12 @@ class FloodThread(threading.Thread):
                 await asyncio.sleep(0.001)
             self.closed.set()
             before = wt.packets
-            replayed = 0
             ends = time.monotonic() + POST_CLOSE
             while time.monotonic() < ends and not self.stop:
                 self._flood(wt, frame)
-                for packet in wt.recent[-20:]:
-                    wt.raw_send(packet, wt.addr)
-                replayed += min(len(wt.recent), 20)
+                wt.replay(20)
                 await asyncio.sleep(0.001)
-            self.sent_after_close = wt.packets - before + replayed
+            self.sent_after_close = wt.packets - before
         finally:
             wt.vanish()
 
