@@ -28,8 +28,13 @@ peers of the baseline are TLS ``bench/wsclient.py`` peers):
   ``slope_kib_per_peer[n]`` = (RSS at n - RSS at 1) / (n - 1), the same for anonymous
   memory alone (``anon_slope_kib_per_peer``), and between steps (``step_kib_per_peer``).
   The slope keeps what a burst of handshakes leaves (peers connect 16 at a time per
-  client process, two processes): freed handshake memory the heap keeps. The goal
-  (``met``) is the WebTransport slope at 100 and at 500 peers (and ``rss`` at N).
+  client process, two processes: ~32 handshakes in flight): memory a handshake took
+  and gave back that the heap keeps, most of it spent by the first 50 peers (the step
+  10-50 cost ~48 KiB a peer, later steps ~33). aioquic's three 16 KiB crypto buffers per
+  handshake were the largest part: sized to the flight since (node/transports/quic_turn.py,
+  ``crypto_buffer_size``), the slope at 100 went from 46.8 to 38.7 KiB (500: 36.3 to
+  35.2) in one run. The goal (``met``) is the WebTransport slope at 100 and at 500 peers
+  (and ``rss`` at N).
 
 ``python -m bench.wt_memory [--peers 500] [--rounds 3] [--only rss,steps,where]`` prints
 JSON; ``python -m bench --only wt_memory`` runs it into results.json.
