@@ -17,6 +17,7 @@ from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import CRYPTO_BUFFER_SIZE, QuicConnection
 from aioquic.quic.events import ProtocolNegotiated
+from aioquic.quic.packet import QuicProtocolVersion
 from aioquic.quic.recovery import QuicPacketNumberWindow
 from aioquic.tls import Epoch
 
@@ -225,6 +226,57 @@ def test_a_chain_longer_than_aioquics_buffer_still_fits(tmp_path: Path) -> None:
     p.exchange(steps=60)
     assert p.server._handshake_confirmed and p.client._handshake_confirmed
     assert len(p.client.tls._peer_certificate_chain) == 60
+
+
+V1, V2 = QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2
+
+
+@pytest.mark.parametrize(("client_versions", "first", "version", "kept"), [
+    ([V1, V2], V1, V1, {V1}),  # a browser: QUIC v1
+    ([V2, V1], V2, V2, {V2}),  # v2 from the first packet
+    ([V2, V1], V1, V2, {V1, V2}),  # moved from v1 to v2 (RFC 9368): v1 Initials may follow
+])
+def test_only_the_negotiated_versions_initial_keys_stay(
+        tmp_path: Path, client_versions: list[int], first: int, version: int,
+        kept: set[int]) -> None:
+    p = Pair(tmp_path)
+    config = p.client._configuration
+    config.supported_versions, config.original_version = client_versions, first
+    p.client = QuicConnection(configuration=config)
+    p.server = QuicConnection(configuration=p.server._configuration,
+                              original_destination_connection_id=
+                              p.client.original_destination_connection_id)
+    p.client.connect(SERVER, now=p.now)
+    first_flight(p)
+    assert set(p.server._cryptos_initial) == {V1, V2}  # aioquic: one pair per version
+    assert not after_handshake(p.server)  # the handshake goes on
+    pairs = p.server._cryptos_initial
+    assert {v for v, pair in pairs.items() if pair is not quic_turn._DISCARDED_CRYPTO} == kept
+    assert p.server._version == version and p.server._cryptos[Epoch.INITIAL] is pairs[version]
+    p.exchange()
+    assert p.server._handshake_confirmed and p.client._handshake_confirmed
+    assert p.client._version == version
+
+
+def test_an_initial_packet_of_a_dropped_version_is_dropped(tmp_path: Path) -> None:
+    """A v2 Initial to the same connection ids once v1 is negotiated: not read, no error."""
+    p = Pair(tmp_path)
+    first_flight(p)
+    after_handshake(p.server)
+    config = p.client._configuration
+    other = QuicConnection(configuration=QuicConfiguration(
+        is_client=True, alpn_protocols=["h3"], server_name="localhost",
+        supported_versions=[V2], verify_mode=ssl.CERT_NONE))
+    other._peer_cid.cid = p.client._peer_cid.cid  # the keys a v2 Initial would use
+    other._packet_number = 100  # not a duplicate of the client's (those are dropped anyway)
+    other.connect(SERVER, now=p.now)
+    received = p.server._spaces[Epoch.INITIAL].ack_queue.bounds()
+    for data, _ in other.datagrams_to_send(now=p.now):
+        p.server.receive_datagram(data, CLIENT, now=p.now)
+    assert p.server._spaces[Epoch.INITIAL].ack_queue.bounds() == received
+    assert config.supported_versions[0] == V1
+    p.exchange()
+    assert p.server._handshake_confirmed and p.client._handshake_confirmed
 
 
 # -- what an idle connection keeps (slim_connection, after_handshake, SlimH3Connection) ----

@@ -262,7 +262,8 @@ _DISCARDED_SPACE.discarded = True
 
 def after_handshake(quic: QuicConnection) -> bool:
     """After each packet until it returns True: the connection ids issued to the peer
-    capped at HOST_CONNECTION_IDS; once the handshake is confirmed and the INITIAL and
+    capped at HOST_CONNECTION_IDS, the INITIAL keys of versions not negotiated dropped
+    (:func:`drop_other_initial_keys`); once the handshake is confirmed and the INITIAL and
     HANDSHAKE spaces discarded (RFC 9001 section 4.9), what only the handshake used is
     dropped. Returns whether that was done (once per connection)."""
     # aioquic issues min(8, the peer's limit) ids once its handshake completes, each also
@@ -273,6 +274,7 @@ def after_handshake(quic: QuicConnection) -> bool:
     # seeing two types), and an 86th attribute doubles the connection's dict (+1.7 KB).
     if quic._remote_active_connection_id_limit > HOST_CONNECTION_IDS:
         quic._remote_active_connection_id_limit = HOST_CONNECTION_IDS
+    drop_other_initial_keys(quic)
     spaces = quic._spaces
     if (not spaces or not quic._handshake_confirmed or spaces[Epoch.INITIAL] is _DISCARDED_SPACE
             or not all(spaces[epoch].discarded for epoch in (Epoch.INITIAL, Epoch.HANDSHAKE))):
@@ -300,6 +302,22 @@ def after_handshake(quic: QuicConnection) -> bool:
 
 
 _NO_TLS_OUTPUT: dict[Epoch, Buffer] = {Epoch.ONE_RTT: Buffer(capacity=0)}
+
+
+def drop_other_initial_keys(quic: QuicConnection) -> None:
+    """A server sets up INITIAL keys for every version it supports (QUIC v1 and v2, ~5.6
+    KiB of OpenSSL contexts each) and keeps them until the handshake is confirmed. Once
+    the version is negotiated (the ClientHello read), only the connection's version and
+    the one its client's packets carried (they differ if the server moved the client to
+    another version, RFC 9368) can be used: the others answer as discarded keys do (an
+    INITIAL packet of another version is dropped: KeyUnavailableError)."""
+    initial = quic._cryptos_initial
+    if not quic._version_negotiated_compatible or len(initial) < 2:
+        return
+    keep = (quic._version, quic._crypto_packet_version)
+    for version, pair in initial.items():
+        if version not in keep and pair is not _DISCARDED_CRYPTO:
+            initial[version] = _DISCARDED_CRYPTO
 
 
 #: Shared ``_cryptos_initial`` per tuple of versions: only read after the handshake (an
@@ -534,5 +552,6 @@ ATTRIBUTES: tuple[str, ...] = (
     "_crypto_streams", "_streams", "_crypto_buffers", "tls", "_cryptos", "_cryptos_initial",
     "_loss", "_local_active_connection_id_limit", "_remote_active_connection_id_limit",
     "_QuicConnection__frame_handlers", "_events", "_datagrams_pending", "_quic_logger",
-    "_initialize", "_is_client", "_configuration",
+    "_initialize", "_is_client", "_configuration", "_version", "_crypto_packet_version",
+    "_version_negotiated_compatible",
 )
