@@ -33,8 +33,10 @@ peers of the baseline are TLS ``bench/wsclient.py`` peers):
   10-50 cost ~48 KiB a peer, later steps ~33). aioquic's three 16 KiB crypto buffers per
   handshake were the largest part: sized to the flight since (node/transports/quic_turn.py,
   ``crypto_buffer_size``), the slope at 100 went from 46.8 to 38.7 KiB (500: 36.3 to
-  35.2) in one run. The goal (``met``) is the WebTransport slope at 100 and at 500 peers
-  (and ``rss`` at N).
+  35.2) in one run; the next, INITIAL keys for QUIC v1 and v2 (~5.6 KiB each), kept
+  until the handshake was confirmed: dropped once the version is known
+  (``drop_other_initial_keys``), 38.2 to 36.2 in another. The goal (``met``) is the
+  WebTransport slope at 100 and at 500 peers (and ``rss`` at N).
 
 ``python -m bench.wt_memory [--peers 500] [--rounds 3] [--only rss,steps,where]`` prints
 JSON; ``python -m bench --only wt_memory`` runs it into results.json.
