@@ -69,12 +69,20 @@ class Page:
         return result["result"].get("value")
 
     async def wait_for(self, expression: str, timeout: float) -> Any:
+        """Polls ``expression`` until truthy; an evaluation the page's navigation cut off
+        (after a click on a link: "Inspected target navigated or closed", seen once in a
+        full run) counts as not yet."""
         deadline = asyncio.get_running_loop().time() + timeout
-        while not (value := await self.evaluate(expression)):
-            if asyncio.get_running_loop().time() > deadline:
+        while True:
+            try:
+                value = await self.evaluate(expression)
+            except AssertionError as exc:
+                if "navigated or closed" not in str(exc):
+                    raise
+                value = None
+            if value or asyncio.get_running_loop().time() > deadline:
                 return value
             await asyncio.sleep(0.1)
-        return value
 
 
 @asynccontextmanager
