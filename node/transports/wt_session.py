@@ -268,7 +268,7 @@ class Inbox:
 
     def drop(self) -> int:
         """Forget the frames waiting; returns how many."""
-        waiting = len(self._items) - self._head
+        waiting = self.qsize()
         self._items.clear()
         self._head = 0
         return waiting
